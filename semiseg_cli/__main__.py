@@ -1,0 +1,3 @@
+from semiseg_cli.cli import main
+
+main()

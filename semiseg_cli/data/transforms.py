@@ -1,0 +1,133 @@
+"""Training and evaluation transforms, after UniMatch's `dataset/transform.py` (specs/semivl_unimatch.md §1.1).
+
+Every random choice takes an explicit `random.Random`, so a sample's augmentation is a pure function of
+(seed, epoch, index): identical for any number of DataLoader workers and after `--resume`.
+
+Images leave the workers as uint8 CHW tensors; `normalize` (ImageNet mean/std) runs on the device in the
+trainer, which moves 4x fewer bytes to the GPU and spares the worker CPUs.
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import cv2
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageFilter, ImageOps
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+PAD_LABELED = 255  # padded mask pixels of labeled crops: ignored by the loss
+PAD_UNLABELED = 254  # padded pixels of unlabeled crops: become the ignore mask (GT values are never used)
+
+
+def resize_long(img: Image.Image, mask: Image.Image, rng: random.Random, ratio=(0.5, 2.0)):
+    """UniMatch `resize`: the long side becomes randint(int(0.5 L), int(2.0 L)) (inclusive)."""
+    w, h = img.size
+    long_side = rng.randint(int(max(w, h) * ratio[0]), int(max(w, h) * ratio[1]))
+    if h > w:
+        oh, ow = long_side, int(w * long_side / h + 0.5)
+    else:
+        ow, oh = long_side, int(h * long_side / w + 0.5)
+    return img.resize((ow, oh), Image.BILINEAR), mask.resize((ow, oh), Image.NEAREST)
+
+
+def rescale_size(w: int, h: int, scale: tuple[int, int]) -> tuple[int, int]:
+    """mmcv `rescale_size` with keep_ratio: fit (w, h) inside the (long, short) bound `scale`."""
+    factor = min(max(scale) / max(w, h), min(scale) / min(w, h))
+    return int(w * factor + 0.5), int(h * factor + 0.5)
+
+
+def resize_short(img: Image.Image, mask: Image.Image, rng: random.Random, img_scale=(2048, 512), ratio=(0.5, 2.0)):
+    """SemiVL's training resize (mmseg `Resize(img_scale, ratio_range)`): in practice the short side
+    becomes 512 r, r ~ U[0.5, 2.0); cv2 bilinear for the image, nearest for the mask."""
+    r = rng.uniform(*ratio)
+    size = rescale_size(*img.size, (int(img_scale[0] * r), int(img_scale[1] * r)))
+    img = Image.fromarray(cv2.resize(np.asarray(img), size, interpolation=cv2.INTER_LINEAR))
+    mask = Image.fromarray(cv2.resize(np.asarray(mask), size, interpolation=cv2.INTER_NEAREST))
+    return img, mask
+
+
+def resize_short_exact(img: Image.Image, short: int = 512) -> Image.Image:
+    """SemiVL's eval resize (mmseg Resize((2048, 512), min_size=512)): the short side becomes `short`."""
+    w, h = img.size
+    factor = short / min(w, h)
+    size = (int(w * factor + 0.5), int(h * factor + 0.5))
+    return Image.fromarray(cv2.resize(np.asarray(img), size, interpolation=cv2.INTER_LINEAR))
+
+
+def crop(img: Image.Image, mask: Image.Image, size: int, rng: random.Random, mask_pad: int):
+    """Pad right/bottom to at least size x size (image 0, mask `mask_pad`), then a uniform random crop."""
+    w, h = img.size
+    padw, padh = max(size - w, 0), max(size - h, 0)
+    if padw or padh:
+        img = ImageOps.expand(img, border=(0, 0, padw, padh), fill=0)
+        mask = ImageOps.expand(mask, border=(0, 0, padw, padh), fill=mask_pad)
+    w, h = img.size
+    x, y = rng.randint(0, w - size), rng.randint(0, h - size)
+    return img.crop((x, y, x + size, y + size)), mask.crop((x, y, x + size, y + size))
+
+
+def hflip(img: Image.Image, mask: Image.Image, rng: random.Random, p: float = 0.5):
+    if rng.random() < p:
+        return img.transpose(Image.FLIP_LEFT_RIGHT), mask.transpose(Image.FLIP_LEFT_RIGHT)
+    return img, mask
+
+
+def color_jitter(img: Image.Image, rng: random.Random, brightness=0.5, contrast=0.5, saturation=0.5, hue=0.25):
+    """torchvision ColorJitter semantics (factors in [1-x, 1+x], hue in [-h, h], random order)."""
+    ops = [
+        (TF.adjust_brightness, rng.uniform(1 - brightness, 1 + brightness)),
+        (TF.adjust_contrast, rng.uniform(1 - contrast, 1 + contrast)),
+        (TF.adjust_saturation, rng.uniform(1 - saturation, 1 + saturation)),
+        (TF.adjust_hue, rng.uniform(-hue, hue)),
+    ]
+    rng.shuffle(ops)
+    for fn, factor in ops:
+        img = fn(img, factor)
+    return img
+
+
+def strong(img: Image.Image, rng: random.Random) -> Image.Image:
+    """UniMatch's strong photometric view: jitter p 0.8, grayscale p 0.2, Gaussian blur p 0.5 (σ 0.1–2)."""
+    if rng.random() < 0.8:
+        img = color_jitter(img, rng)
+    if rng.random() < 0.2:
+        img = img.convert("L").convert("RGB")
+    if rng.random() < 0.5:
+        img = img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0)))
+    return img
+
+
+def cutmix_box(size: int, rng: random.Random, p: float = 0.5, size_min=0.02, size_max=0.4, ratio_1=0.3, ratio_2=1 / 0.3):
+    """UniMatch `obtain_cutmix_box`: a size x size {0,1} float mask holding one box, or all zeros w.p. 1-p."""
+    box = torch.zeros(size, size)
+    if rng.random() > p:
+        return box
+    area = rng.uniform(size_min, size_max) * size * size
+    while True:
+        ratio = rng.uniform(ratio_1, ratio_2)
+        w, h = int(math.sqrt(area / ratio)), int(math.sqrt(area * ratio))
+        x, y = rng.randrange(size), rng.randrange(size)
+        if x + w <= size and y + h <= size:
+            break
+    box[y:y + h, x:x + w] = 1
+    return box
+
+
+def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> uint8 [3, H, W] (normalisation happens on the device, see `normalize`)."""
+    return torch.from_numpy(np.array(img, np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+
+
+def to_mask_tensor(mask: Image.Image | np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(mask, np.int64, copy=True))
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 3, H, W] (any device) -> float, ImageNet-normalised, like ToTensor + Normalize."""
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1) * 255
+    return (x.float() - mean) / std

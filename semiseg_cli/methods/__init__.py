@@ -1,0 +1,6 @@
+"""Training methods, looked up by name. Each value is the module that implements the method's
+`train_step`; modules are imported on first use so that `semiseg config show` stays fast."""
+
+METHODS: dict[str, str] = {
+    "supervised": "semiseg_cli.methods.supervised",
+}
