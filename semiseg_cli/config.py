@@ -35,6 +35,7 @@ CHOICES = {
     "dataset.name": list(DATASETS),
     "train.amp": ["bf16", "fp16", "off"],
     "train.resize": ["long", "short"],
+    "train.labeled_loss": ["ce", "ohem"],
     "optim.name": ["sgd", "adamw"],
     "optim.schedule": ["poly"],
     "eval.mode": ["whole", "slide", "slide_sum"],

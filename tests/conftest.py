@@ -27,3 +27,35 @@ def shared_data() -> Path:
     if not SHARED.is_dir():
         pytest.fail(f"the shared sample data is missing at {SHARED}; set SEMISEG_SHARED to the shared/ folder")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """The real generated synthetic dataset (made once per test session)."""
+    from semiseg_cli.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("synthetic")
+    generate(root, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_root(synthetic_root, tmp_path_factory) -> Path:
+    """A view of the synthetic data with small splits: 8 labeled, 16 unlabeled, 6 val images."""
+    from semiseg_cli.data.splits import read_split, write_split
+
+    root = tmp_path_factory.mktemp("tiny")
+    for sub in ("images", "masks"):
+        (root / sub).symlink_to(synthetic_root / sub)
+    (root / "classes.txt").write_text((synthetic_root / "classes.txt").read_text())
+    train = read_split(synthetic_root / "splits" / "default" / "unlabeled.txt")
+    val = read_split(synthetic_root / "splits" / "val.txt")
+    write_split(root / "splits" / "tiny" / "labeled.txt", train[:8])
+    write_split(root / "splits" / "tiny" / "unlabeled.txt", train[8:24])
+    write_split(root / "splits" / "val.txt", val[:6])
+    return root
+
+
+# A training config that runs in seconds on a CPU: tiny encoder and head, small crops.
+TINY = ["dataset.split=tiny", "model.backbone=resnet18", "model.head_channels=16", "train.crop_size=64",
+        "train.global_batch=4", "train.workers=0", "train.log_every=1"]

