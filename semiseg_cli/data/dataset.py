@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -85,8 +86,7 @@ class SegDataset(Dataset):
         if self.mode == "train_l":
             return T.to_uint8_tensor(img), T.to_mask_tensor(mask)
 
-        ign = T.to_mask_tensor(mask)
-        ign = torch.where(ign == T.PAD_UNLABELED, 255, 0)
+        ign = torch.from_numpy(np.where(np.asarray(mask) == T.PAD_UNLABELED, 255, 0).astype(np.int64))
         u_s1, u_s2 = T.strong(img, rng), T.strong(img, rng)
         box1, box2 = T.cutmix_box(self.crop_size, rng), T.cutmix_box(self.crop_size, rng)
         return (T.to_uint8_tensor(img), T.to_uint8_tensor(u_s1), T.to_uint8_tensor(u_s2), ign, box1, box2)

@@ -54,7 +54,7 @@ class _Images(torch.utils.data.Dataset):
         except UserError as e:
             return i, None, None, str(e)
         net_in = resize_short_exact(img, self.resize_short) if self.resize_short else img
-        return i, to_uint8_tensor(net_in), np.asarray(img), None
+        return i, to_uint8_tensor(net_in), np.array(img), None
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, pal: np.ndarray, alpha: float = 0.5) -> np.ndarray:
