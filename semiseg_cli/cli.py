@@ -12,7 +12,7 @@ import click
 import typer
 
 from semiseg_cli import __version__
-from semiseg_cli.console import err
+from semiseg_cli.console import err, progress
 from semiseg_cli.console import out as stdout
 from semiseg_cli.errors import UserError
 
@@ -166,7 +166,8 @@ def eval_cmd(run: Optional[Path] = typer.Option(None, "--run", help="Run folder 
     cfg, model = _model_from_checkpoint(run, checkpoint, recipe, (sets or []) + ([f"eval.mode={mode}"] if mode else []))
     env = init_distributed()
     try:
-        result = evaluate(model.to(env.device), cfg, build_dataset(cfg, "val"), env, workers=cfg["train"]["workers"])
+        result = evaluate(model.to(env.device), cfg, build_dataset(cfg, "val"), env, workers=cfg["train"]["workers"],
+                          progress=progress if env.is_main else None)
     finally:
         cleanup()
     if env.is_main:

@@ -63,3 +63,30 @@ def test_cli_recipes_lists_descriptions():
     proc = run_cli("recipes", "--json", check=0)
     rows = json.loads(proc.stdout)
     assert set(rows) == set(recipe_names()) and all(rows.values())
+
+
+# The papers' supervised-baseline settings (specs/semivl_unimatch.md §1.4; UniMatch supervised.py).
+SUPERVISED = {
+    "voc": dict(crop=321, epochs=80, lr=0.001, head=10.0, batch=8, mode="whole", backbone="resnet101s"),
+    "cityscapes": dict(crop=801, epochs=240, lr=0.005, head=1.0, batch=8, mode="slide_sum", backbone="resnet101s"),
+    "coco": dict(crop=513, epochs=30, lr=0.004, head=10.0, batch=8, mode="whole", backbone="xception65"),
+    "ade20k": dict(crop=512, epochs=40, lr=0.004, head=10.0, batch=8, mode="whole", backbone="resnet101s"),
+}
+
+
+@pytest.mark.parametrize("name", [n for n in recipe_names() if n.split("-")[1] in SUPERVISED and n.startswith("supervised-")])
+def test_supervised_paper_recipes_match_the_spec(name):
+    from semiseg_cli.data.splits import split_path
+
+    cfg = load_config(name)
+    want = SUPERVISED[cfg["dataset"]["name"]]
+    tr, opt = cfg["train"], cfg["optim"]
+    assert (tr["crop_size"], tr["epochs"], tr["iters"], tr["global_batch"]) == (want["crop"], want["epochs"], None, want["batch"])
+    assert (opt["name"], opt["lr"], opt["lr_mult"]["head"], opt["momentum"], opt["weight_decay"]) == \
+        ("sgd", want["lr"], want["head"], 0.9, 1e-4)
+    assert cfg["eval"]["mode"] == want["mode"] and cfg["model"]["backbone"] == want["backbone"]
+    assert cfg["model"]["head_channels"] == 256 and cfg["model"]["output_stride"] == 16
+    assert tr["labeled_loss"] == ("ohem" if cfg["dataset"]["name"] == "cityscapes" else "ce")
+    if cfg["dataset"]["name"] == "cityscapes":
+        assert (cfg["eval"]["crop"], cfg["eval"]["stride"]) == (801, 534)
+    split_path(cfg["dataset"]["name"], cfg["dataset"]["split"], "labeled", "/nonexistent")  # the split exists

@@ -10,6 +10,7 @@ from semiseg_cli.data.dataset import SegDataset
 from semiseg_cli.data.reader import load_mask
 from semiseg_cli.data.splits import read_split, split_path
 from semiseg_cli.errors import UserError
+from tests.conftest import REPO
 
 # classes present in each VOC sample, from shared/data/README.md (besides background 0 and border 255)
 VOC_SAMPLE_CLASSES = {474: {6}, 120: {2, 5}, 293: {10}, 582: {14, 15}, 8: {13}}
@@ -145,3 +146,33 @@ def test_packaged_splits_counts():
     assert len(read_split(split_path("voc", "92", "val", "/nonexistent"))) == 1449
     with pytest.raises(UserError, match="splits of voc: 92, 183"):
         split_path("voc", "93", "labeled", "/nonexistent")
+
+
+def test_folder_dataset_from_real_voc_samples(tmp_path, shared_data):
+    """`folder`: any images/ + masks/ + classes.txt + splits/, here built from the real VOC samples."""
+    from semiseg_cli.config import load_config
+    from semiseg_cli.data.dataset import build_dataset
+    from semiseg_cli.data.splits import write_split
+
+    src = shared_data / "voc_samples"
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    pairs = []
+    for n in (1, 8, 474):
+        (tmp_path / "images" / f"{n}.png").symlink_to(src / f"{n}_image.png")
+        (tmp_path / "masks" / f"{n}.png").symlink_to(src / f"{n}_label.png")
+        pairs.append((f"images/{n}.png", f"masks/{n}.png"))
+    (tmp_path / "classes.txt").write_text((REPO / "semiseg_cli/data/classes/voc.txt").read_text())
+    write_split(tmp_path / "splits" / "mine" / "labeled.txt", pairs[:2])
+    write_split(tmp_path / "splits" / "mine" / "unlabeled.txt", [(i, None) for i, _ in pairs[2:]])
+    write_split(tmp_path / "splits" / "val.txt", pairs)
+    cfg = load_config(None, ["dataset.name=folder", f"dataset.root={tmp_path}", "dataset.split=mine", "train.crop_size=64"])
+    assert cfg["dataset"]["num_classes"] == 21
+    x, y = build_dataset(cfg, "labeled")[1]
+    assert x.shape == (3, 64, 64)
+    u_w, *_ = build_dataset(cfg, "unlabeled")[0]  # unlabeled lines without masks are accepted
+    assert u_w.shape == (3, 64, 64)
+    assert set(torch.unique(build_dataset(cfg, "val")[2][1]).tolist()) == {0, 6, 255}
+    (tmp_path / "classes.txt").unlink()
+    with pytest.raises(UserError, match="classes.txt"):
+        load_config(None, ["dataset.name=folder", f"dataset.root={tmp_path}"])

@@ -28,7 +28,7 @@ from torch import nn
 
 from semiseg_cli import __version__
 from semiseg_cli.config import dump
-from semiseg_cli.console import err
+from semiseg_cli.console import err, progress
 from semiseg_cli.data.dataset import build_dataset
 from semiseg_cli.data.transforms import normalize
 from semiseg_cli.engine.checkpoint import load_checkpoint, save_atomic
@@ -273,7 +273,10 @@ def _train(cfg: dict, out: Path, resume: bool, env: DistEnv) -> dict:
         datasets[name], batch_size=per_gpu, num_workers=tr["workers"], pin_memory=cuda, generator=torch.Generator(),
         sampler=RunSampler(len(datasets[name]), epoch_len, tr["seed"], env, per_gpu, iters_per_epoch, start, total))
         for name in method.LOADERS]
-    for parts in zip(*loaders):
+    batches = zip(*loaders)
+    if err.is_terminal:  # a live bar on a terminal; the log lines below are printed above it
+        batches = progress(batches, total=total - start, desc="train")
+    for parts in batches:
         epoch = it // iters_per_epoch
         batch = {}
         for name, tensors in zip(method.LOADERS, parts):

@@ -1,0 +1,68 @@
+"""FixMatch for segmentation, as in UniMatch's `fixmatch.py` (specs/semivl_unimatch.md §1.2 without the FP
+stream and with one strong view): L = (L_x + L_s) / 2.
+
+Pseudo-labels come from the weak view in the same train-mode forward; the strong view is CutMixed with a
+second unlabeled batch whose pseudo-labels come from an eval-mode, no-grad forward. The pieces here
+(`cutmix`, `pseudo_label`, `mix_targets`, `unsup_ce`) are reused by UniMatch and the methods built on it.
+Tensor names follow the legend in semiseg_cli/data/dataset.py.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from semiseg_cli.methods.losses import labeled_loss
+
+LOADERS = ("labeled", "unlabeled", "unlabeled_mix")
+
+
+def cutmix(dst: torch.Tensor, src: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """Paste `src` into `dst` where box == 1 (box [B, H, W]; images [B, C, H, W] or maps [B, H, W])."""
+    m = box.bool()
+    return torch.where(m.unsqueeze(1) if dst.dim() == 4 else m, src, dst)
+
+
+@torch.no_grad()
+def pseudo_label(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(confidence, class) of softmax(logits) per pixel, without gradient."""
+    return logits.detach().softmax(1).max(1)
+
+
+@torch.no_grad()
+def predict_eval_mode(model, images: torch.Tensor) -> torch.Tensor:
+    """Logits of a no-grad forward with BN in eval mode (UniMatch's pseudo-labels for the mix source)."""
+    model.eval()
+    logits = model(images)
+    model.train()
+    return logits
+
+
+def mix_targets(box, label, conf, ign, label_mix, conf_mix, ign_mix):
+    """Targets of a CutMixed strong view: the mix source's label, confidence and ignore mask inside box."""
+    return cutmix(label, label_mix, box), cutmix(conf, conf_mix, box), cutmix(ign, ign_mix, box)
+
+
+def unsup_ce(logits, label, conf, ign, tau: float) -> torch.Tensor:
+    """UniMatch's unlabeled loss: CE on pixels with conf >= tau that are not padding, summed and divided
+    by the number of non-padded pixels (not by the confident ones)."""
+    loss = F.cross_entropy(logits, label, reduction="none")
+    valid = ign != 255
+    return (loss * ((conf >= tau) & valid)).sum() / valid.sum().clamp(min=1)
+
+
+def train_step(model, batch: dict, ctx) -> tuple:
+    tau = ctx.cfg["ssl"]["conf_thresh"]
+    conf_mix, label_mix = pseudo_label(predict_eval_mode(model, batch["u_w_mix"]))
+    u_s1 = cutmix(batch["u_s1"], batch["u_s1_mix"], batch["box1"])
+
+    n_x = batch["x"].shape[0]
+    pred_x, pred_u_w = model(torch.cat([batch["x"], batch["u_w"]])).split([n_x, batch["u_w"].shape[0]])
+    pred_u_s1 = model(u_s1)
+    conf, label = pseudo_label(pred_u_w)
+    label1, conf1, ign1 = mix_targets(batch["box1"], label, conf, batch["ign"], label_mix, conf_mix, batch["ign_mix"])
+
+    loss_x = labeled_loss(pred_x, batch["y"], ctx.cfg)
+    loss_s = unsup_ce(pred_u_s1, label1, conf1, ign1, tau)
+    loss = (loss_x + loss_s) / 2
+    mask_ratio = ((conf >= tau) & (batch["ign"] != 255)).float().mean()
+    return loss, {"loss_x": loss_x.detach(), "loss_s": loss_s.detach(), "mask_ratio": mask_ratio}
