@@ -21,8 +21,9 @@ Design:
     * Counts (defaults): 16 labeled + 1000 unlabeled training images, 200 validation images. Alternative
       splits `splits/<k>/` (k = 4, 64) hold the first k training images as labeled, the rest unlabeled.
     * Measured with a small UNet trained from scratch (2000 iterations, batch 8, flips/rot90, 100 val
-      images): 16 labeled -> mIoU ~0.27, 64 labeled -> ~0.54; FixMatch (tau 0.95) on the 64 split with
-      the unlabeled rest -> ~0.75. Far from saturated with few labels, and unlabeled images help.
+      images): 16 labeled -> mIoU ~0.27, 64 labeled -> ~0.54; FixMatch (tau 0.95, same budget) on the
+      64 split with the unlabeled rest -> ~0.75. From scratch, 16 labels were too few for that FixMatch
+      to bootstrap (~0.26); a pretrained backbone or a longer schedule is expected to be needed there.
 
 Layout under `root`:
     images/<NNNNN>.png   RGB

@@ -264,11 +264,11 @@ def _train(cfg: dict, out: Path, resume: bool, env: DistEnv) -> dict:
             tensors = [t for t in model.state_dict().values() if t.is_floating_point()]  # BN statistics too
             nonfinite.logical_or_(~torch.stack([t.isfinite().all() for t in tensors]).all())
         if bool(nonfinite):
-            good = f"{out / 'last.pt'} (iteration {_saved_iter[0]})" if _saved_iter[0] else "none yet"
+            good = f"{out / 'last.pt'} (iteration {saved_iter})" if saved_iter else "none yet"
             raise UserError(f"the loss became non-finite before iteration {it}; stopped. Last good checkpoint: {good}. "
                             "Try a lower optim.lr or train.amp=bf16")
 
-    _saved_iter = [start]
+    saved_iter = start
     loaders = [torch.utils.data.DataLoader(
         datasets[name], batch_size=per_gpu, num_workers=tr["workers"], pin_memory=cuda, generator=torch.Generator(),
         sampler=RunSampler(len(datasets[name]), epoch_len, tr["seed"], env, per_gpu, iters_per_epoch, start, total))
@@ -327,7 +327,7 @@ def _train(cfg: dict, out: Path, resume: bool, env: DistEnv) -> dict:
                 if improved:
                     save_atomic(state, out / "best.pt")
                 (out / "eval.json").write_text(json.dumps({**result, "iter": it, "best_miou": best}, indent=2))
-            _saved_iter[0] = it
+            saved_iter = it
             barrier()
     log.close()
     return result
