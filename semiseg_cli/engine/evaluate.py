@@ -126,7 +126,7 @@ def evaluate(model, cfg: dict, dataset, env: DistEnv, workers: int = 2, progress
                                          pin_memory=env.device.type == "cuda")
     conf = torch.zeros(k, k, dtype=torch.long, device=env.device)
     it = progress(loader, total=len(indices), desc="eval") if progress else loader
-    amp = _autocast(cfg, env)
+    amp = autocast_for(cfg, env)
     for x, y, _ in it:
         x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
         with amp:
@@ -139,7 +139,7 @@ def evaluate(model, cfg: dict, dataset, env: DistEnv, workers: int = 2, progress
     return out
 
 
-def _autocast(cfg: dict, env: DistEnv):
+def autocast_for(cfg: dict, env: DistEnv):
     """bf16/fp16 autocast on CUDA; fp32 elsewhere (CPU autocast would only slow the small CPU runs)."""
     amp = cfg["train"]["amp"]
     if env.device.type == "cuda" and amp != "off":

@@ -95,8 +95,8 @@ def infer(model, cfg: dict, images: str | Path, out: str | Path, device: torch.d
         if not pending:
             return
         x = normalize(torch.stack([t for _, t, _ in pending]).to(device))
-        sizes = {im.shape[:2] for _, _, im in pending}
-        scores = predict(model, x, cfg, out_size=next(iter(sizes)))
+        # flush() is called before a differently sized image joins, so all pending images share one size
+        scores = predict(model, x, cfg, out_size=pending[0][2].shape[:2])
         for (i, _, image), s in zip(pending, scores.float().softmax(1).cpu().numpy()):
             if crf:
                 c = cfg["crf"]

@@ -33,7 +33,7 @@ from semiseg_cli.data.dataset import build_dataset
 from semiseg_cli.data.transforms import normalize
 from semiseg_cli.engine.checkpoint import load_checkpoint, save_atomic
 from semiseg_cli.engine.distributed import DistEnv, barrier, cleanup, init_distributed
-from semiseg_cli.engine.evaluate import _autocast, evaluate
+from semiseg_cli.engine.evaluate import autocast_for, evaluate
 from semiseg_cli.errors import UserError
 from semiseg_cli.methods import METHODS
 from semiseg_cli.models import build_model
@@ -87,7 +87,7 @@ class RunSampler(torch.utils.data.Sampler):
 
     def __init__(self, n_items: int, epoch_len: int, seed: int, env: DistEnv, batch: int, iters_per_epoch: int,
                  start: int, total: int):
-        self.args = (n_items, epoch_len, seed)
+        self.n_items, self.epoch_len, self.seed = n_items, epoch_len, seed
         self.env, self.batch, self.ipe, self.start, self.total = env, batch, iters_per_epoch, start, total
 
     def __len__(self) -> int:
@@ -98,7 +98,7 @@ class RunSampler(torch.utils.data.Sampler):
         while it < self.total:
             epoch, offset = divmod(it, self.ipe)
             n = min(self.ipe - offset, self.total - it)
-            keys = epoch_keys(*self.args[:2], self.args[2], epoch, self.env.rank, self.env.world)
+            keys = epoch_keys(self.n_items, self.epoch_len, self.seed, epoch, self.env.rank, self.env.world)
             yield from keys[offset * self.batch:(offset + n) * self.batch]
             it += n
 
@@ -252,7 +252,7 @@ def _train(cfg: dict, out: Path, resume: bool, env: DistEnv) -> dict:
                   f"({iters_per_epoch}/epoch), {env.world} process(es) x batch {per_gpu}, device {env.device}"
                   + (f", resuming at {start}" if start else ""))
     log = RunLog(out, env.is_main)
-    amp = _autocast(cfg, env)
+    amp = autocast_for(cfg, env)
     result: dict = {}
     sums: dict[str, torch.Tensor] = {}
     n_logged, nonfinite, t0, it = 0, torch.zeros((), dtype=torch.bool, device=env.device), time.time(), start
