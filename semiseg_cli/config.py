@@ -39,6 +39,8 @@ CHOICES = {
     "optim.name": ["sgd", "adamw"],
     "optim.schedule": ["poly"],
     "eval.mode": ["whole", "slide", "slide_sum"],
+    "ssl.s4mc_base": ["fixmatch", "unimatch"],
+    "ssl.s4mc_neighbourhood": [4, 8],
 }
 
 
@@ -168,7 +170,7 @@ def _apply(cfg: dict, updates: dict[str, Any], schema: dict[str, Any], where: st
                                 "`semiseg config show` lists every key")
         value = _coerce(key, value, schema[key], where)
         if key in CHOICES and value not in CHOICES[key]:
-            raise UserError(f"{where}: {key} = {value!r} is not one of {', '.join(CHOICES[key])}"
+            raise UserError(f"{where}: {key} = {value!r} is not one of {', '.join(map(str, CHOICES[key]))}"
                             f"{did_you_mean(value, CHOICES[key])}")
         _set(cfg, key, value)
 

@@ -57,5 +57,5 @@ def tiny_root(synthetic_root, tmp_path_factory) -> Path:
 
 
 # A training config that runs in seconds on a CPU: tiny encoder and head, small crops.
-TINY = ["dataset.split=tiny", "model.backbone=resnet18", "model.head_channels=16", "train.crop_size=64",
+TINY = ["dataset.split=tiny", "model.backbone=resnet18", "model.weights=null", "model.head_channels=16", "train.crop_size=64",
         "train.global_batch=4", "train.workers=0", "train.log_every=1"]

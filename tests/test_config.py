@@ -90,3 +90,72 @@ def test_supervised_paper_recipes_match_the_spec(name):
     if cfg["dataset"]["name"] == "cityscapes":
         assert (cfg["eval"]["crop"], cfg["eval"]["stride"]) == (801, 534)
     split_path(cfg["dataset"]["name"], cfg["dataset"]["split"], "labeled", "/nonexistent")  # the split exists
+
+
+# The semi-supervised papers' settings: UniMatch (specs/semivl_unimatch.md §1.4), PrevMatch (semiovs_sed.md
+# §3, §4.1), S4MC + FixMatch (slrnet_s4mc.md B1, B4: the co-author repo's pascal.yaml / cityscapes.yaml).
+SSL = {
+    ("unimatch", "voc"): dict(crop=321, epochs=80, lr=0.001, head=10.0, tau=0.95, loss="ce", mode="whole", os=16),
+    ("fixmatch", "voc"): dict(crop=321, epochs=80, lr=0.001, head=10.0, tau=0.95, loss="ce", mode="whole", os=16),
+    ("prevmatch", "voc"): dict(crop=321, epochs=80, lr=0.001, head=10.0, tau=0.95, loss="ce", mode="whole", os=16),
+    ("unimatch", "cityscapes"): dict(crop=801, epochs=240, lr=0.005, head=1.0, tau=0.0, loss="ohem", mode="slide_sum",
+                                     os=16, window=(801, 534), min_kept=200000),
+    ("unimatch", "coco"): dict(crop=513, epochs=30, lr=0.004, head=10.0, tau=0.95, loss="ce", mode="whole", os=16,
+                               backbone="xception65"),
+    ("unimatch", "ade20k"): dict(crop=512, epochs=40, lr=0.004, head=10.0, tau=0.95, loss="ce", mode="whole", os=16),
+    ("s4mc", "voc"): dict(crop=512, epochs=90, lr=0.001, head=10.0, loss="ce", mode="whole", os=16),
+    ("s4mc", "cityscapes"): dict(crop=769, epochs=240, lr=0.005, head=1.0, loss="ohem", mode="slide_sum", os=8,
+                                 window=(769, 512), min_kept=100000),
+}
+SSL_SPLITS = {
+    "unimatch-voc": ["92", "183", "366", "732", "1464", "1_16", "1_8", "1_4"],
+    "fixmatch-voc": ["92", "183", "366", "732", "1464", "1_16", "1_8", "1_4"],
+    "prevmatch-voc": ["92", "183", "366", "732", "1464"],
+    "s4mc-voc": ["92", "183", "366", "732", "1464"],
+    "unimatch-cityscapes": ["1_30", "1_16", "1_8", "1_4", "1_2"],
+    "s4mc-cityscapes": ["1_16", "1_8", "1_4", "1_2"],
+    "unimatch-coco": ["1_512", "1_256", "1_128", "1_64", "1_32"],
+    "unimatch-ade20k": ["1_128", "1_64", "1_32", "1_16", "1_8"],
+}
+
+
+def test_every_paper_ssl_recipe_exists():
+    names = set(recipe_names())
+    want = {f"{family}-{split}" for family, splits in SSL_SPLITS.items() for split in splits}
+    want |= {f"{m}-{d}" for m in ("fixmatch", "unimatch", "prevmatch", "s4mc") for d in ("camvid-1_8", "synthetic")}
+    assert want <= names, sorted(want - names)
+
+
+@pytest.mark.parametrize("name", [n for n in recipe_names() if tuple(n.split("-")[:2]) in SSL])
+def test_ssl_paper_recipes_match_the_spec(name):
+    from semiseg_cli.data.splits import read_split, split_path
+
+    cfg = load_config(name)
+    method, dataset, split = name.split("-", 2)
+    want = SSL[(method, dataset)]
+    tr, opt, ssl = cfg["train"], cfg["optim"], cfg["ssl"]
+    assert cfg["method"] == method and cfg["dataset"]["name"] == dataset
+    assert (tr["crop_size"], tr["epochs"], tr["iters"], tr["global_batch"]) == (want["crop"], want["epochs"], None, 8)
+    assert (opt["name"], opt["lr"], opt["lr_mult"]["head"], opt["momentum"], opt["weight_decay"], opt["poly_power"]) == \
+        ("sgd", want["lr"], want["head"], 0.9, 1e-4, 0.9)
+    assert cfg["model"]["backbone"] == want.get("backbone", "resnet101s") and cfg["model"]["head_channels"] == 256
+    assert cfg["model"]["output_stride"] == want["os"]
+    assert tr["labeled_loss"] == want["loss"] and cfg["eval"]["mode"] == want["mode"]
+    if want["loss"] == "ohem":
+        assert (tr["ohem_thresh"], tr["ohem_min_kept"]) == (0.7, want["min_kept"])
+    if "window" in want:
+        assert (cfg["eval"]["crop"], cfg["eval"]["stride"]) == want["window"]
+    if "tau" in want:
+        assert ssl["conf_thresh"] == want["tau"]
+    if method == "prevmatch":
+        assert (ssl["prev_conf_thresh"], ssl["prev_pool_size"], ssl["prev_max_models"]) == (0.9, 8, 3)
+        assert tr["amp"] == "fp16"
+    if method == "s4mc":
+        assert (ssl["s4mc_base"], ssl["s4mc_drop_percent"], ssl["s4mc_neighbourhood"]) == ("fixmatch", 60, 4)
+    # the split exists, with the paper's labeled count
+    labeled = read_split(split_path(dataset, cfg["dataset"]["split"], "labeled", "/nonexistent"))
+    counts = {"92": 92, "183": 183, "366": 366, "732": 732, "1464": 1464}
+    if dataset == "voc" and split in counts:
+        assert len(labeled) == counts[split]
+    if dataset == "cityscapes":
+        assert len(labeled) == {"1_30": 100, "1_16": 186, "1_8": 372, "1_4": 744, "1_2": 1488}[split]

@@ -132,9 +132,12 @@ def _weights(path):
     return torch.load(path, weights_only=True)["model"]
 
 
-def test_sigkill_then_resume_gives_the_uninterrupted_weights(tiny_root, tmp_path):
-    # unimatch-free: the supervised method with dropout-free model; 8 iterations, checkpoints every 2
-    args = tiny_args(tiny_root, "train.iters=8", "train.eval_every=2")
+@pytest.mark.parametrize("method", ["supervised", "prevmatch"])
+def test_sigkill_then_resume_gives_the_uninterrupted_weights(method, tiny_root, tmp_path):
+    # 8 iterations, checkpoints every 2. PrevMatch: its pool of previous best models (filled at the first
+    # evaluation) must come back from prev_models/ on resume, or the guidance terms, and the weights, differ.
+    extra = ["ssl.prev_pool_size=2", "ssl.prev_conf_thresh=0.0"] if method == "prevmatch" else []
+    args = tiny_args(tiny_root, f"method={method}", "train.iters=8", "train.eval_every=2", *extra)
     full = tmp_path / "full"
     run_cli("train", "--recipe", "supervised-synthetic", *args, "--out", full, check=0)
 
@@ -152,6 +155,11 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(tiny_root, tmp_path
     a, b = _weights(full / "last.pt"), _weights(part / "last.pt")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    if method == "prevmatch":
+        pool = torch.load(part / "last.pt", weights_only=True)["method_state"]["files"]
+        assert 1 <= len(pool) <= 2 and all((part / "prev_models" / f).is_file() for f in pool)
+        logged = [json.loads(line) for line in (part / "log.jsonl").read_text().splitlines()]
+        assert any(r.get("loss_prev", 0) > 0 for r in logged)  # the guidance terms were trained on
 
 
 def test_nonfinite_loss_stops_with_last_good_checkpoint(tiny_root, tmp_path):

@@ -35,6 +35,14 @@ def test_wheel_install_runs_from_another_directory(tmp_path):
     assert where.startswith(str(target)), where  # the installed copy, not the checkout
     recipes = json.loads(semiseg("recipes", "--json"))
     assert recipes
-    for name in recipes:
+    # the CLI on one recipe per method and dataset, every recipe through the installed package in one process
+    families = {name.rsplit("-", 1)[0]: name for name in recipes}
+    for name in families.values():
         cfg = json.loads(semiseg("config", "show", "--recipe", name, "--json"))
         assert cfg["method"] and cfg["dataset"]["num_classes"] > 0
+    code = ("import json, sys; from semiseg_cli.config import load_config; "
+            "print(json.dumps({n: load_config(n)['dataset']['num_classes'] for n in sys.argv[1:]}))")
+    proc = subprocess.run([sys.executable, "-c", code, *recipes], cwd=elsewhere, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert set(json.loads(proc.stdout)) == set(recipes) and all(v > 0 for v in json.loads(proc.stdout).values())

@@ -8,6 +8,8 @@ Keys of an entry:
     palette: "voc" (the VOC bit-interleaving palette, works for any K) or an inline list of RGB triples.
     reduce_zero_label: ADE20K convention: raw 0 ("other") -> 255, v -> v - 1.
     layout: one line describing the expected root layout (used in error messages and --help).
+    s4mc_neighbour_agreement: S4MC's E_c per class (the official hard-coded tables; datasets without one
+        estimate it from their labeled masks).
 """
 from __future__ import annotations
 
@@ -36,9 +38,17 @@ SYNTHETIC_CLASSES = ["background", "disc", "square", "triangle", "cross", "ring"
 
 DATASETS: dict[str, dict] = {
     "voc": {"classes": "voc", "palette": "voc", "reduce_zero_label": False,
-            "layout": "JPEGImages/*.jpg, SegmentationClass/*.png (index PNG, 255 = ignore)"},
+            "layout": "JPEGImages/*.jpg, SegmentationClass/*.png (index PNG, 255 = ignore)",
+            "s4mc_neighbour_agreement": [
+                0.998089, 0.986050, 0.955592, 0.988817, 0.986189, 0.989454, 0.992848, 0.989994, 0.993955, 0.972373,
+                0.981473, 0.992168, 0.992108, 0.990426, 0.987702, 0.989070, 0.977190, 0.986577, 0.987818, 0.994842,
+                0.993315]},
     "cityscapes": {"classes": "cityscapes", "palette": CITYSCAPES_PALETTE, "reduce_zero_label": False,
-                   "layout": "leftImg8bit/{train,val}/<city>/*.png, gtFine/{train,val}/<city>/*_gtFine_labelTrainIds.png"},
+                   "layout": "leftImg8bit/{train,val}/<city>/*.png, gtFine/{train,val}/<city>/*_gtFine_labelTrainIds.png",
+                   "s4mc_neighbour_agreement": [
+                       0.996443, 0.986164, 0.961200, 0.831981, 0.973381, 0.976363, 0.991486, 0.996706, 0.987770,
+                       0.984016, 0.990592, 0.990571, 0.984790, 0.984277, 0.951662, 0.989420, 0.971333, 0.944813,
+                       0.954492]},
     "coco": {"classes": "coco", "palette": "voc", "reduce_zero_label": False,
              "layout": "train2017/*.jpg, val2017/*.jpg, masks/*.png (81 classes, 0 = background)"},
     "ade20k": {"classes": "ade20k", "palette": "voc", "reduce_zero_label": True,

@@ -2,7 +2,9 @@
 
 A method module (semiseg_cli/methods/<name>.py) provides `LOADERS` (which batches it needs) and
 `train_step(model, batch, ctx) -> (loss, logs)`; this loop owns data, optimizer, LR schedule, AMP, DDP,
-evaluation, checkpoints and logging.
+evaluation, checkpoints and logging. A method that keeps state across steps also provides
+`make_state(cfg, model, out, env)`, returning an object with `state_dict()` / `load_state_dict()` (saved in
+the checkpoint) and optionally `after_eval(model, improved, iteration)`; train_step reads it as `ctx.state`.
 
 Launch:
     1 process (CPU or 1 GPU):  semiseg train --recipe unimatch-voc-92
@@ -54,6 +56,7 @@ class StepContext:
     iteration: int
     total: int
     env: DistEnv
+    state: object = None  # what the method's optional make_state() built (PrevMatch's pool, S4MC's E_c)
 
 
 def load_method(name: str):
@@ -232,11 +235,14 @@ def _train(cfg: dict, out: Path, resume: bool, env: DistEnv) -> dict:
     optimizer = build_optimizer(cfg, model)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and tr["amp"] == "fp16")
     start, best = 0, -1.0
+    method_state = method.make_state(cfg, model, out, env) if hasattr(method, "make_state") else None
     if ckpt:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         start, best = ckpt["iteration"], ckpt["best_miou"]
+        if method_state is not None and ckpt.get("method_state") is not None:
+            method_state.load_state_dict(ckpt["method_state"])
         _set_rng_state(ckpt["rng"][env.rank] if env.rank < len(ckpt["rng"]) else ckpt["rng"][0])
     net = model
     if env.world > 1:
@@ -290,7 +296,7 @@ def _train(cfg: dict, out: Path, resume: bool, env: DistEnv) -> dict:
         for g in optimizer.param_groups:
             g["lr"] = lr * g["lr_mult"]
         with amp:
-            loss, logs = method.train_step(net, batch, StepContext(cfg, it, total, env))
+            loss, logs = method.train_step(net, batch, StepContext(cfg, it, total, env, method_state))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -314,18 +320,21 @@ def _train(cfg: dict, out: Path, resume: bool, env: DistEnv) -> dict:
             result = evaluate(net.module if env.world > 1 else model, cfg, datasets["val"], env,
                               workers=min(tr["workers"], 2))
             rng = _gather_rng(env)
+            improved = result["miou"] > best  # the metrics are all-reduced: every process agrees
+            best = max(best, result["miou"])
+            if hasattr(method_state, "after_eval"):
+                method_state.after_eval(model, improved, it)
             if env.is_main:
-                improved = result["miou"] > best
-                best = max(best, result["miou"])
                 log.write({"iter": it, "epoch": epoch, "miou": result["miou"], "best_miou": best,
                            "miou_paper": result["miou_paper"], "pixel_acc": result["pixel_acc"]})
                 err.print(f"eval @ {it}: mIoU {result['miou']:.2f} (best {best:.2f})")
-                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict(), "iteration": it, "best_miou": best, "rng": rng,
+                         "method_state": method_state.state_dict() if method_state is not None else None,
                          "config": cfg, "version": __version__}
-                save_atomic(state, out / "last.pt")
+                save_atomic(checkpoint, out / "last.pt")
                 if improved:
-                    save_atomic(state, out / "best.pt")
+                    save_atomic(checkpoint, out / "best.pt")
                 (out / "eval.json").write_text(json.dumps({**result, "iter": it, "best_miou": best}, indent=2))
             saved_iter = it
             barrier()

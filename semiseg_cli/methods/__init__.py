@@ -5,4 +5,6 @@ METHODS: dict[str, str] = {
     "supervised": "semiseg_cli.methods.supervised",
     "fixmatch": "semiseg_cli.methods.fixmatch",
     "unimatch": "semiseg_cli.methods.unimatch",
+    "prevmatch": "semiseg_cli.methods.prevmatch",
+    "s4mc": "semiseg_cli.methods.s4mc",
 }

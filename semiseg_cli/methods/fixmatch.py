@@ -3,8 +3,11 @@ stream and with one strong view): L = (L_x + L_s) / 2.
 
 Pseudo-labels come from the weak view in the same train-mode forward; the strong view is CutMixed with a
 second unlabeled batch whose pseudo-labels come from an eval-mode, no-grad forward. The pieces here
-(`cutmix`, `pseudo_label`, `mix_targets`, `unsup_ce`) are reused by UniMatch and the methods built on it.
-Tensor names follow the legend in semiseg_cli/data/dataset.py.
+(`cutmix`, `pseudo_label`, `threshold_filter`, `mix_targets`, `unsup_ce`) are reused by UniMatch and the
+methods built on it. Tensor names follow the legend in semiseg_cli/data/dataset.py.
+
+Which pseudo-labelled pixels are learned from is a filter `select(logits, ign, ctx) -> (label, keep)`:
+`threshold_filter` (softmax confidence >= ssl.conf_thresh) by default; S4MC passes its own.
 """
 from __future__ import annotations
 
@@ -25,7 +28,13 @@ def cutmix(dst: torch.Tensor, src: torch.Tensor, box: torch.Tensor) -> torch.Ten
 @torch.no_grad()
 def pseudo_label(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(confidence, class) of softmax(logits) per pixel, without gradient."""
-    return logits.detach().softmax(1).max(1)
+    return logits.detach().float().softmax(1).max(1)
+
+
+def threshold_filter(logits: torch.Tensor, ign: torch.Tensor, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+    """FixMatch's filter: (argmax class, confidence >= ssl.conf_thresh). Padding is masked by the loss."""
+    conf, label = pseudo_label(logits)
+    return label, conf >= ctx.cfg["ssl"]["conf_thresh"]
 
 
 @torch.no_grad()
@@ -38,31 +47,35 @@ def predict_eval_mode(model, images: torch.Tensor) -> torch.Tensor:
 
 
 def mix_targets(box, label, conf, ign, label_mix, conf_mix, ign_mix):
-    """Targets of a CutMixed strong view: the mix source's label, confidence and ignore mask inside box."""
+    """Targets of a CutMixed strong view: the mix source's label, confidence (or keep mask) and ignore
+    mask inside box, the batch's own outside it."""
     return cutmix(label, label_mix, box), cutmix(conf, conf_mix, box), cutmix(ign, ign_mix, box)
 
 
-def unsup_ce(logits, label, conf, ign, tau: float) -> torch.Tensor:
-    """UniMatch's unlabeled loss: CE on pixels with conf >= tau that are not padding, summed and divided
-    by the number of non-padded pixels (not by the confident ones)."""
+def unsup_ce(logits, label, keep, ign) -> torch.Tensor:
+    """UniMatch's unlabeled loss: CE on kept pixels (confidence >= tau) that are not padding, summed and
+    divided by the number of non-padded pixels (not by the kept ones)."""
     loss = F.cross_entropy(logits, label, reduction="none")
     valid = ign != 255
-    return (loss * ((conf >= tau) & valid)).sum() / valid.sum().clamp(min=1)
+    return (loss * (keep & valid)).sum() / valid.sum().clamp(min=1)
 
 
-def train_step(model, batch: dict, ctx) -> tuple:
-    tau = ctx.cfg["ssl"]["conf_thresh"]
-    conf_mix, label_mix = pseudo_label(predict_eval_mode(model, batch["u_w_mix"]))
+def kept_ratio(keep, ign) -> torch.Tensor:
+    """Fraction of pixels whose pseudo-label is learned from (logged as mask_ratio)."""
+    return (keep & (ign != 255)).float().mean()
+
+
+def train_step(model, batch: dict, ctx, select=threshold_filter) -> tuple:
+    label_mix, keep_mix = select(predict_eval_mode(model, batch["u_w_mix"]), batch["ign_mix"], ctx)
     u_s1 = cutmix(batch["u_s1"], batch["u_s1_mix"], batch["box1"])
 
     n_x = batch["x"].shape[0]
     pred_x, pred_u_w = model(torch.cat([batch["x"], batch["u_w"]])).split([n_x, batch["u_w"].shape[0]])
     pred_u_s1 = model(u_s1)
-    conf, label = pseudo_label(pred_u_w)
-    label1, conf1, ign1 = mix_targets(batch["box1"], label, conf, batch["ign"], label_mix, conf_mix, batch["ign_mix"])
+    label, keep = select(pred_u_w, batch["ign"], ctx)
+    label1, keep1, ign1 = mix_targets(batch["box1"], label, keep, batch["ign"], label_mix, keep_mix, batch["ign_mix"])
 
     loss_x = labeled_loss(pred_x, batch["y"], ctx.cfg)
-    loss_s = unsup_ce(pred_u_s1, label1, conf1, ign1, tau)
+    loss_s = unsup_ce(pred_u_s1, label1, keep1, ign1)
     loss = (loss_x + loss_s) / 2
-    mask_ratio = ((conf >= tau) & (batch["ign"] != 255)).float().mean()
-    return loss, {"loss_x": loss_x.detach(), "loss_s": loss_s.detach(), "mask_ratio": mask_ratio}
+    return loss, {"loss_x": loss_x.detach(), "loss_s": loss_s.detach(), "mask_ratio": kept_ratio(keep, batch["ign"])}

@@ -1,0 +1,124 @@
+"""Time of one training step of each method, at equal labeled batch, relative to supervised.
+
+    python benchmarks/method_step.py [--recipe supervised-synthetic] [--methods supervised unimatch ...]
+                                     [--steps 10] [--device cuda] [--amp bf16] [--channels-last]
+
+Runs each method's real `train_step` (plus backward and SGD step) on the recipe's model with random
+batches of the recipe's batch and crop (labeled, unlabeled and mix-source streams of the same size).
+PrevMatch runs with a full draw from a pool of three stored models, S4MC with its filter on. Data loading
+is not included (benchmarks/data_pipeline.py measures it). JSON on stdout and in
+benchmarks/results/method_step-<recipe>-<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from semiseg_cli.config import load_config
+from semiseg_cli.engine.distributed import DistEnv
+from semiseg_cli.engine.trainer import BATCH_KEYS, StepContext, build_optimizer, load_method
+from semiseg_cli.methods.prevmatch import PrevModelPool
+from semiseg_cli.methods.s4mc import S4MCState
+from semiseg_cli.models import build_model
+
+
+def random_batch(b: int, crop: int, k: int, device) -> dict:
+    batch = {}
+    for keys in BATCH_KEYS.values():
+        for key in keys:
+            if key == "y":
+                batch[key] = torch.randint(0, k, (b, crop, crop), device=device)
+            elif key.startswith("ign"):
+                batch[key] = torch.zeros(b, crop, crop, dtype=torch.long, device=device)
+            elif key.startswith("box"):
+                box = torch.zeros(b, crop, crop, device=device)
+                box[:, crop // 4: crop // 2, crop // 4: 3 * crop // 4] = 1
+                batch[key] = box
+            else:
+                batch[key] = torch.randn(b, 3, crop, crop, device=device)
+    return batch
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipe", default="supervised-synthetic")
+    ap.add_argument("--methods", nargs="+", default=["supervised", "fixmatch", "unimatch", "prevmatch", "s4mc"])
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
+    ap.add_argument("--channels-last", action="store_true")
+    args = ap.parse_args()
+
+    device = torch.device(args.device)
+    env = DistEnv(device=device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16,
+                         enabled=args.amp != "off")
+    rows = {}
+    for method in args.methods:
+        cfg = load_config(args.recipe, ["model.weights=null", f"method={method}"])
+        torch.manual_seed(0)
+        model = build_model(cfg).to(device)
+        if args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        opt = build_optimizer(cfg, model)
+        b, crop, k = cfg["train"]["global_batch"], cfg["train"]["crop_size"], cfg["dataset"]["num_classes"]
+        batch = random_batch(b, crop, k, device)
+        state = None
+        tmp = tempfile.TemporaryDirectory()
+        if method == "prevmatch":
+            state = PrevModelPool(cfg, model, Path(tmp.name), env)
+            for i in range(3):
+                state.after_eval(model, True, i)
+            state.draw = lambda it: ([0, 1, 2], [1 / 3] * 3)  # time the most expensive draw
+        elif method == "s4mc":
+            state = S4MCState(torch.full((k,), 0.98, device=device))
+        module = load_method(method)
+
+        def step(i):
+            with amp:
+                loss, _ = module.train_step(model, batch, StepContext(cfg, i, 1000, env, state))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for i in range(2):
+            step(i)
+        sync(device)
+        t = time.perf_counter()
+        for i in range(args.steps):
+            step(i)
+        sync(device)
+        sec = (time.perf_counter() - t) / args.steps
+        rows[method] = {"seconds_per_step": round(sec, 4)}
+        if device.type == "cuda":
+            rows[method]["peak_memory_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        tmp.cleanup()
+        print(f"{method:<12} {sec:.3f} s/step", flush=True)
+    if "supervised" in rows:
+        for r in rows.values():
+            r["ratio_to_supervised"] = round(r["seconds_per_step"] / rows["supervised"]["seconds_per_step"], 2)
+    result = {"recipe": args.recipe, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+              else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+              "amp": args.amp, "channels_last": args.channels_last, "steps": args.steps,
+              "methods": rows, "torch": torch.__version__}
+    out = Path(__file__).resolve().parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / f"method_step-{args.recipe}-{device.type}.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
