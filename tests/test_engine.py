@@ -191,3 +191,13 @@ def test_torchrun_two_processes_eval_equals_single_process(tiny_root, tmp_path):
                                  *tiny_args(tiny_root, "train.global_batch=3"), "--out", str(tmp_path / "odd")],
                          capture_output=True, text=True, env={**os.environ, **env}, timeout=600)
     assert bad.returncode != 0 and "does not divide over 2 processes" in bad.stderr
+
+
+def test_evaluating_more_often_does_not_change_the_trained_weights(tiny_root, tmp_path):
+    # UniMatch draws feature-perturbation dropout from the global RNG; evaluation must not consume it
+    for every in (1, 4):
+        run_cli("train", "--recipe", "supervised-synthetic",
+                *tiny_args(tiny_root, "method=unimatch", "train.iters=4", f"train.eval_every={every}",
+                           "train.workers=1"), "--out", tmp_path / f"every{every}", check=0)
+    a, b = _weights(tmp_path / "every1" / "last.pt"), _weights(tmp_path / "every4" / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -122,8 +122,10 @@ def evaluate(model, cfg: dict, dataset, env: DistEnv, workers: int = 2, progress
     model.eval()
     k = cfg["dataset"]["num_classes"]
     indices = list(range(env.rank, len(dataset), env.world))
+    # its own generator: worker seeding must not draw from the global RNG that training's dropout uses,
+    # so how often a run evaluates does not change its weights
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, sampler=indices, num_workers=workers,
-                                         pin_memory=env.device.type == "cuda")
+                                         pin_memory=env.device.type == "cuda", generator=torch.Generator())
     conf = torch.zeros(k, k, dtype=torch.long, device=env.device)
     it = progress(loader, total=len(indices), desc="eval") if progress else loader
     amp = autocast_for(cfg, env)
