@@ -26,6 +26,7 @@ from semiseg_cli.engine.trainer import BATCH_KEYS, StepContext, build_optimizer,
 from semiseg_cli.methods.prevmatch import PrevModelPool
 from semiseg_cli.methods.s4mc import S4MCState
 from semiseg_cli.models import build_model
+from train_step import sync  # benchmarks/ is on sys.path when this script runs
 
 
 def random_batch(b: int, crop: int, k: int, device) -> dict:
@@ -43,11 +44,6 @@ def random_batch(b: int, crop: int, k: int, device) -> dict:
             else:
                 batch[key] = torch.randn(b, 3, crop, crop, device=device)
     return batch
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def main():

@@ -12,7 +12,7 @@ from PIL import Image
 
 from semiseg_cli.config import load_config
 from semiseg_cli.engine.evaluate import confusion, metrics, predict
-from tests.conftest import REPO, TINY, run_cli
+from tests.conftest import TINY, run_cli
 
 
 def tiny_args(root, *extra):
