@@ -4,6 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DATA ?= data
 RUNS ?= runs
+DEMO_SET ?=          # extra train options, e.g. DEMO_SET="--set train.iters=50" for a quick look
 
 .PHONY: install test demo bench clean
 
@@ -22,8 +23,8 @@ demo:
 	$(BIN)/semiseg prepare-data synthetic --root $(DATA)/synthetic
 	test -f weights/tf_efficientnet_lite0.pt || $(BIN)/semiseg convert-weights efficientnet-lite0 - weights/tf_efficientnet_lite0.pt
 	rm -rf $(RUNS)/demo-supervised $(RUNS)/demo-unimatch
-	$(BIN)/semiseg train --recipe supervised-synthetic --set dataset.root=$(DATA)/synthetic --out $(RUNS)/demo-supervised
-	$(BIN)/semiseg train --recipe unimatch-synthetic --set dataset.root=$(DATA)/synthetic --out $(RUNS)/demo-unimatch
+	$(BIN)/semiseg train --recipe supervised-synthetic --set dataset.root=$(DATA)/synthetic $(DEMO_SET) --out $(RUNS)/demo-supervised
+	$(BIN)/semiseg train --recipe unimatch-synthetic --set dataset.root=$(DATA)/synthetic $(DEMO_SET) --out $(RUNS)/demo-unimatch
 	$(BIN)/semiseg eval --run $(RUNS)/demo-supervised --set dataset.root=$(DATA)/synthetic --json > $(RUNS)/demo-supervised.json
 	$(BIN)/semiseg eval --run $(RUNS)/demo-unimatch --set dataset.root=$(DATA)/synthetic
 	$(BIN)/python -c "import json,sys; s,u=(json.load(open(f))['miou'] for f in sys.argv[1:]); print(f'supervised-synthetic {s:.2f} mIoU, unimatch-synthetic {u:.2f} mIoU: {u-s:+.2f}')" \
