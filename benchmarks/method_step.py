@@ -12,8 +12,6 @@ benchmarks/results/method_step-<recipe>-<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +24,7 @@ from semiseg_cli.engine.trainer import BATCH_KEYS, StepContext, build_optimizer,
 from semiseg_cli.methods.prevmatch import PrevModelPool
 from semiseg_cli.methods.s4mc import S4MCState
 from semiseg_cli.models import build_model
-from train_step import sync  # benchmarks/ is on sys.path when this script runs
+from train_step import device_name, sync, write_result  # benchmarks/ is on sys.path when this script runs
 
 
 def random_batch(b: int, crop: int, k: int, device) -> dict:
@@ -106,14 +104,10 @@ def main():
     if "supervised" in rows:
         for r in rows.values():
             r["ratio_to_supervised"] = round(r["seconds_per_step"] / rows["supervised"]["seconds_per_step"], 2)
-    result = {"recipe": args.recipe, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-              else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+    result = {"recipe": args.recipe, "device": device_name(device),
               "amp": args.amp, "channels_last": args.channels_last, "steps": args.steps,
               "methods": rows, "torch": torch.__version__}
-    out = Path(__file__).resolve().parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / f"method_step-{args.recipe}-{device.type}.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    write_result(f"method_step-{args.recipe}-{device.type}", result)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,19 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def write_result(name: str, result: dict) -> None:
+    """benchmarks/results/<name>.json, and the JSON on stdout."""
+    out = Path(__file__).resolve().parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default="supervised-synthetic")
@@ -83,16 +96,12 @@ def main():
         sync(device)
     eval_ips = args.steps / (time.perf_counter() - t)
 
-    result = {"recipe": args.recipe, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-              else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+    result = {"recipe": args.recipe, "device": device_name(device),
               "backbone": cfg["model"]["backbone"], "head_channels": cfg["model"]["head_channels"],
               "batch": b, "crop": crop, "amp": args.amp, "channels_last": args.channels_last,
               "train_images_per_s": round(train_ips, 2), "peak_memory_mib": round(peak, 1),
               "eval_size": [h, w], "eval_images_per_s": round(eval_ips, 2), "torch": torch.__version__}
-    out = Path(__file__).resolve().parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / f"train_step-{args.recipe}-{device.type}.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    write_result(f"train_step-{args.recipe}-{device.type}", result)
 
 
 if __name__ == "__main__":

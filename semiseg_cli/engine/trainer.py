@@ -3,8 +3,9 @@
 A method module (semiseg_cli/methods/<name>.py) provides `LOADERS` (which batches it needs) and
 `train_step(model, batch, ctx) -> (loss, logs)`; this loop owns data, optimizer, LR schedule, AMP, DDP,
 evaluation, checkpoints and logging. A method that keeps state across steps also provides
-`make_state(cfg, model, out, env)`, returning an object with `state_dict()` / `load_state_dict()` (saved in
-the checkpoint) and optionally `after_eval(model, improved, iteration)`; train_step reads it as `ctx.state`.
+`make_state(cfg, model, out, env)`; train_step reads the object it returns as `ctx.state`. The object may
+have `state_dict()` / `load_state_dict()` (saved in and restored from the checkpoint) and
+`after_eval(model, improved, iteration)` (called after each evaluation, before the checkpoint is written).
 
 Launch:
     1 process (CPU or 1 GPU):  semiseg train --recipe unimatch-voc-92
@@ -241,7 +242,7 @@ def _train(cfg: dict, out: Path, resume: bool, env: DistEnv) -> dict:
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         start, best = ckpt["iteration"], ckpt["best_miou"]
-        if method_state is not None and ckpt.get("method_state") is not None:
+        if hasattr(method_state, "load_state_dict") and ckpt.get("method_state") is not None:
             method_state.load_state_dict(ckpt["method_state"])
         _set_rng_state(ckpt["rng"][env.rank] if env.rank < len(ckpt["rng"]) else ckpt["rng"][0])
     net = model
@@ -330,7 +331,7 @@ def _train(cfg: dict, out: Path, resume: bool, env: DistEnv) -> dict:
                 err.print(f"eval @ {it}: mIoU {result['miou']:.2f} (best {best:.2f})")
                 checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict(), "iteration": it, "best_miou": best, "rng": rng,
-                         "method_state": method_state.state_dict() if method_state is not None else None,
+                         "method_state": method_state.state_dict() if hasattr(method_state, "state_dict") else None,
                          "config": cfg, "version": __version__}
                 save_atomic(checkpoint, out / "last.pt")
                 if improved:

@@ -48,14 +48,14 @@ class PrevModelPool:
 
     def __init__(self, cfg: dict, model: torch.nn.Module, out: Path, env):
         self.cfg, self.out, self.env = cfg, Path(out), env
-        self.size = cfg["ssl"]["prev_pool_size"]
-        self.template = model
+        self.template = model  # the live model: on resume, pool members are rebuilt as copies of it
         self.models: list[torch.nn.Module] = []
         self.files: list[str] = []
         self.stale: list[str] = []  # evicted files, deleted once a checkpoint no longer lists them
 
-    def _frozen_copy(self, state: dict | None = None) -> torch.nn.Module:
-        m = copy.deepcopy(self.template)
+    @staticmethod
+    def _frozen_copy(model: torch.nn.Module, state: dict | None = None) -> torch.nn.Module:
+        m = copy.deepcopy(model)
         if state is not None:
             m.load_state_dict(state)
         m.eval()
@@ -77,10 +77,9 @@ class PrevModelPool:
         if self.env.is_main:
             (self.out / POOL_DIR).mkdir(exist_ok=True)
             save_atomic(model.state_dict(), self.out / POOL_DIR / name)
-        self.template = model
-        self.models.append(self._frozen_copy())
+        self.models.append(self._frozen_copy(model))
         self.files.append(name)
-        while len(self.models) > self.size:
+        while len(self.models) > self.cfg["ssl"]["prev_pool_size"]:
             self.models.pop(0)
             self.stale.append(self.files.pop(0))
 
@@ -89,8 +88,7 @@ class PrevModelPool:
 
     def load_state_dict(self, state: dict) -> None:
         self.files, self.stale = list(state["files"]), list(state["stale"])
-        self.models = [self._frozen_copy(load_file(self.out / POOL_DIR / f))
-                       for f in self.files]
+        self.models = [self._frozen_copy(self.template, load_file(self.out / POOL_DIR / f)) for f in self.files]
 
     def draw(self, iteration: int) -> tuple[list[int], list[float]]:
         """Indices of the models used at `iteration` and their Dirichlet(1, ..., 1) weights (sum 1)."""

@@ -110,16 +110,10 @@ def neighbour_agreement(masks, num_classes: int) -> torch.Tensor:
 
 
 class S4MCState:
-    """The per-run constant E (on the device); nothing to checkpoint."""
+    """The per-run constant E (on the device); derived from data, so nothing is checkpointed."""
 
     def __init__(self, expectation: torch.Tensor):
         self.expectation = expectation
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 def make_state(cfg: dict, model, out, env) -> S4MCState:
