@@ -5,7 +5,8 @@
 
 Runs each method's real `train_step` (plus backward and SGD step) on the recipe's model with random
 batches of the recipe's batch and crop (labeled, unlabeled and mix-source streams of the same size).
-PrevMatch runs with a full draw from a pool of three stored models, S4MC with its filter on. Data loading
+PrevMatch runs with a full draw from a pool of three stored models, S4MC with its filter on, SemiVL with
+its frozen guidance ViT (`--recipe semivl-voc-92 --methods supervised unimatch semivl`). Data loading
 is not included (benchmarks/data_pipeline.py measures it). JSON on stdout and in
 benchmarks/results/method_step-<recipe>-<device>.json.
 """
@@ -22,6 +23,7 @@ from semiseg_cli.config import load_config
 from semiseg_cli.engine.distributed import DistEnv
 from semiseg_cli.engine.trainer import BATCH_KEYS, StepContext, build_optimizer, load_method
 from semiseg_cli.methods.prevmatch import PrevModelPool
+from semiseg_cli.methods import semivl
 from semiseg_cli.methods.s4mc import S4MCState
 from semiseg_cli.models import build_model
 from train_step import device_name, sync, write_result  # benchmarks/ is on sys.path when this script runs
@@ -77,6 +79,8 @@ def main():
             state.draw = lambda it: ([0, 1, 2], [1 / 3] * 3)  # time the most expensive draw
         elif method == "s4mc":
             state = S4MCState(torch.full((k,), 0.98, device=device))
+        elif method == "semivl":  # the frozen guidance ViT and text (random weights: timing only)
+            state = semivl.make_state(cfg, model, None, env)
         module = load_method(method)
 
         def step(i):

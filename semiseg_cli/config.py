@@ -27,7 +27,8 @@ DEFAULTS = Path(__file__).parent / "defaults.yaml"
 # Types of keys whose default is null.
 NULLABLE = {
     "dataset.root": str, "dataset.num_classes": int, "model.weights": str, "train.iters": int,
-    "eval.crop": int, "eval.stride": int, "eval.resize_short": int,
+    "eval.crop": int, "eval.stride": int, "eval.resize_short": int, "model.class_text": str,
+    "model.conv_encoder": str, "model.conv_encoder_weights": str, "ssl.guidance_text": str,
 }
 # Mappings whose sub-keys are not fixed by the schema (values must still be numbers).
 OPEN = {"optim.lr_mult": float}
@@ -41,6 +42,8 @@ CHOICES = {
     "eval.mode": ["whole", "slide", "slide_sum"],
     "ssl.s4mc_base": ["fixmatch", "unimatch"],
     "ssl.s4mc_neighbourhood": [4, 8],
+    "ssl.conf_mode": ["pixelwise", "pixelavg"],
+    "model.vit_act": ["gelu", "quick_gelu"],
 }
 
 

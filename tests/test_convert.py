@@ -127,3 +127,39 @@ def test_model_accepts_paper_crop_sizes_and_fp():
     model.train()
     out, fp = model(torch.randn(2, 3, 65, 65), need_fp=True)
     assert out.shape == fp.shape == (2, 21, 65, 65) and not torch.equal(out, fp)
+
+
+class MMSegResNetV1c(nn.Module):
+    """mmseg's ResNetV1c layout: a deep stem `stem.0..8` (3->32->32->64, each conv + BN + ReLU), max-pool,
+    torchvision bottleneck stages."""
+
+    def __init__(self, layers=(3, 4, 6, 3)):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        tv = torchvision.models.resnet.ResNet(torchvision.models.resnet.Bottleneck, list(layers))
+        self.layer1, self.layer2, self.layer3, self.layer4 = tv.layer1, tv.layer2, tv.layer3, tv.layer4
+
+    def forward(self, x):
+        return self.layer1(F.max_pool2d(self.stem(x), 3, 2, 1))  # SemiVL's Cityscapes skip: stride 4, 256 ch
+
+
+def test_mmseg_resnet_v1c_converts_to_timm_resnet_c(tmp_path):
+    torch.manual_seed(0)
+    ref = MMSegResNetV1c().eval()
+    for m in ref.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    src = tmp_path / "resnet50_v1c.pth"
+    torch.save({"meta": {}, "state_dict": ref.state_dict()}, src)  # mmcv's checkpoint container
+    info = convert("mmseg-resnet", str(src), tmp_path / "r50c.pt", quiet=True)
+    assert info["backbone"] == "resnet50c"
+    stem = timm.create_model("resnet50c", pretrained=False, features_only=True, out_indices=(1,)).eval()
+    state = torch.load(tmp_path / "r50c.pt", weights_only=True)
+    stem.load_state_dict({k: state[k] for k in stem.state_dict()})
+    x = torch.randn(1, 3, 64, 80)
+    with torch.no_grad():
+        assert torch.allclose(stem(x)[0], ref(x), atol=1e-4)

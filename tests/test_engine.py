@@ -132,11 +132,20 @@ def _weights(path):
     return torch.load(path, weights_only=True)["model"]
 
 
-@pytest.mark.parametrize("method", ["supervised", "prevmatch"])
+RESUME_EXTRA = {
+    "supervised": [],
+    "prevmatch": ["ssl.prev_pool_size=2", "ssl.prev_conf_thresh=0.0"],
+    # a random tiny ViT: the guidance encoder (a copy of the initial backbone) must come back from the checkpoint
+    "semivl": ["model.name=semivl", "model.backbone=clip-vit-tiny", "optim.name=adamw", "optim.lr=0.0004",
+               "ssl.guidance_conf=0.0"],
+}
+
+
+@pytest.mark.parametrize("method", list(RESUME_EXTRA))
 def test_sigkill_then_resume_gives_the_uninterrupted_weights(method, tiny_root, tmp_path):
     # 8 iterations, checkpoints every 2. PrevMatch: its pool of previous best models (filled at the first
     # evaluation) must come back from prev_models/ on resume, or the guidance terms, and the weights, differ.
-    extra = ["ssl.prev_pool_size=2", "ssl.prev_conf_thresh=0.0"] if method == "prevmatch" else []
+    extra = RESUME_EXTRA[method]
     args = tiny_args(tiny_root, f"method={method}", "train.iters=8", "train.eval_every=2", *extra)
     full = tmp_path / "full"
     run_cli("train", "--recipe", "supervised-synthetic", *args, "--out", full, check=0)

@@ -7,6 +7,7 @@ plain state dict of tensors (atomically). Files are read with `weights_only=True
 """
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Callable
 
@@ -27,11 +28,19 @@ def _effnet():
     return efficientnet_lite
 
 
+def _clip():
+    from semiseg_cli.convert import clip
+    return clip
+
+
 # format -> loader of the module implementing it (imported lazily: `semiseg --help` stays fast)
 FORMATS: dict[str, Callable] = {
     "torchvision-resnet": _resnet,
     "unimatch-resnet": _resnet,
+    "mmseg-resnet": _resnet,
     "efficientnet-lite0": _effnet,
+    "openai-clip": _clip,
+    "open-clip": _clip,
 }
 
 
@@ -70,21 +79,43 @@ def load_state_dict(path: str | Path) -> dict:
     return dict(obj)
 
 
-def convert(fmt: str, src: str, dst: str | Path, backbone: str | None = None, quiet: bool = False) -> dict:
+def convert(fmt: str, src: str, dst: str | Path, backbone: str | None = None, quiet: bool = False,
+            model_name: str | None = None) -> dict:
     """Convert `src` (format `fmt`) into a state dict for the timm model `backbone` and save it to `dst`.
 
-    Returns {"format", "backbone", "keys", "dst"}.
+    A format module's `convert(fmt, src, backbone[, model_name=...])` returns (converted, mapping, reasons,
+    target[, sidecars]); `sidecars` maps a suffix to a state dict written beside DST as `<DST stem><suffix>`
+    (None: remove a stale one), e.g. the CLIP text tower `<DST stem>.text.pt`.
+
+    Returns {"format", "backbone", "keys", "dst"} (+ "sidecars": the paths written, if any).
     """
     from semiseg_cli.engine.checkpoint import save_atomic
 
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}{did_you_mean(fmt, FORMATS)}; choose one of: {', '.join(FORMATS)}")
     module = FORMATS[fmt]()
-    converted, mapping, reasons, target = module.convert(fmt, src, backbone)
+    options = {}
+    if model_name is not None:
+        if "model_name" not in inspect.signature(module.convert).parameters:
+            raise UserError(f"--model-name does not apply to the {fmt} format")
+        options["model_name"] = model_name
+    converted, mapping, reasons, target, *rest = module.convert(fmt, src, backbone, **options)
+    sidecars = rest[0] if rest else {}
     if not quiet:
         print_mapping(mapping, reasons)
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     save_atomic(converted, dst)
-    err.print(f"{len(mapping)} source keys -> {len(converted)} keys of timm {target}; wrote {dst}")
-    return {"format": fmt, "backbone": target, "keys": len(converted), "dst": str(dst)}
+    written = []
+    for suffix, state in sidecars.items():
+        path = dst.with_name(dst.stem + suffix)
+        if state is not None:
+            save_atomic(state, path)
+            written.append(str(path))
+        elif path.is_file():  # a sidecar of an earlier conversion would not match the new weights
+            path.unlink()
+    kind = getattr(module, "TARGET_KIND", "timm ")
+    also = f" and {', '.join(written)}" if written else ""
+    err.print(f"{len(mapping)} source keys -> {len(converted)} keys of {kind}{target}; wrote {dst}{also}")
+    result = {"format": fmt, "backbone": target, "keys": len(converted), "dst": str(dst)}
+    return {**result, "sidecars": written} if written else result

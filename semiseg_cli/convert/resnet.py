@@ -1,9 +1,12 @@
-"""ResNets: torchvision checkpoints and UniMatch's `pretrained/resnet101.pth` (deep stem) -> timm.
+"""ResNets: torchvision checkpoints, UniMatch's `pretrained/resnet101.pth` (deep stem) and mmseg's
+ResNet-v1c (`open-mmlab://resnet101_v1c`, SemiVL's Cityscapes stem) -> timm.
 
 timm's ResNet uses torchvision's names (conv1, bn1, layerN.M.convK, downsample.0/1, fc), and its deep
 stem `resnet*s` uses UniMatch's (conv1.0/1/3/4/6 + bn1), so the rename table is the identity plus
 stripping a DataParallel `module.` prefix. The target model follows from the file: a deep stem gives
-`resnet{50,101,152}s`, a plain stem `resnet{18,34,50,101,152}`.
+`resnet{50,101,152}s` (stem widths 64) or `resnet*c` (widths 32, v1c), a plain stem
+`resnet{18,34,50,101,152}`. mmseg names its deep stem `stem.0/1/3/4/6/7` (conv, BN, conv, BN, conv, BN):
+stem.N -> conv1.N, and its last BN stem.7 -> bn1.
 """
 from __future__ import annotations
 
@@ -22,18 +25,30 @@ def infer_backbone(sd: dict) -> str:
     depth = 50 if blocks == (3, 4, 6, 3) and bottleneck else DEPTHS.get(blocks)
     if depth is None:
         raise UserError(f"not a ResNet state dict (blocks per stage {blocks})")
-    deep = "conv1.0.weight" in sd
-    return f"resnet{depth}{'s' if deep else ''}"
+    if "conv1.0.weight" not in sd:
+        return f"resnet{depth}"
+    return f"resnet{depth}{'c' if sd['conv1.0.weight'].shape[0] == 32 else 's'}"
+
+
+def rename(fmt: str, key: str) -> str:
+    key = key.removeprefix("module.")
+    if fmt == "mmseg-resnet":
+        key = key.removeprefix("backbone.")
+        if key.startswith("stem.7."):
+            return "bn1." + key.removeprefix("stem.7.")
+        if key.startswith("stem."):
+            return "conv1." + key.removeprefix("stem.")
+    return key
 
 
 def convert(fmt: str, src: str, backbone: str | None):
     source = load_state_dict(src)
-    sd = {k.removeprefix("module."): v for k, v in source.items()}  # DataParallel checkpoints
+    sd = {rename(fmt, k): v for k, v in source.items()}
     target = backbone or infer_backbone(sd)
     reference = timm.create_model(target, pretrained=False).state_dict()
     mapping, converted, reasons = [], {}, {}
     for old, v in source.items():
-        new = old.removeprefix("module.")
+        new = rename(fmt, old)
         if new.startswith("fc.") and (new not in reference or reference[new].shape != v.shape):
             mapping.append((old, None))
             reasons[old] = "classifier of another size"

@@ -213,6 +213,7 @@ def _train(cfg: dict, out: Path, resume: bool, env: DistEnv) -> dict:
     method = load_method(cfg["method"])
     per_gpu = per_process_batch(tr["global_batch"], env.world)
     _seed(tr["seed"] + env.rank)
+    model = build_model(cfg).to(env.device)  # before the datasets: a wrong weights file fails fast
 
     datasets = {"val": build_dataset(cfg, "val")}
     for name in method.LOADERS:
@@ -227,7 +228,6 @@ def _train(cfg: dict, out: Path, resume: bool, env: DistEnv) -> dict:
     total = tr["iters"] or tr["epochs"] * iters_per_epoch
     eval_every = tr["eval_every"] if tr["iters"] else tr["eval_every"] * iters_per_epoch
 
-    model = build_model(cfg).to(env.device)
     cuda = env.device.type == "cuda"
     if cuda and tr["channels_last"]:
         model = model.to(memory_format=torch.channels_last)

@@ -7,4 +7,5 @@ METHODS: dict[str, str] = {
     "unimatch": "semiseg_cli.methods.unimatch",
     "prevmatch": "semiseg_cli.methods.prevmatch",
     "s4mc": "semiseg_cli.methods.s4mc",
+    "semivl": "semiseg_cli.methods.semivl",
 }

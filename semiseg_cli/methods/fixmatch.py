@@ -54,15 +54,16 @@ def mix_targets(box, label, conf, ign, label_mix, conf_mix, ign_mix):
 
 def unsup_ce(logits, label, keep, ign) -> torch.Tensor:
     """UniMatch's unlabeled loss: CE on kept pixels (confidence >= tau) that are not padding, summed and
-    divided by the number of non-padded pixels (not by the kept ones)."""
+    divided by the number of non-padded pixels (not by the kept ones). `keep` may also be a float weight."""
     loss = F.cross_entropy(logits, label, reduction="none")
     valid = ign != 255
-    return (loss * (keep & valid)).sum() / valid.sum().clamp(min=1)
+    return (loss * keep * valid).sum() / valid.sum().clamp(min=1)
 
 
 def kept_ratio(keep, ign) -> torch.Tensor:
-    """Fraction of pixels whose pseudo-label is learned from (logged as mask_ratio)."""
-    return (keep & (ign != 255)).float().mean()
+    """Fraction of pixels whose pseudo-label is learned from (logged as mask_ratio; the mean weight when
+    `keep` is a float weight)."""
+    return (keep * (ign != 255)).float().mean()
 
 
 def train_step(model, batch: dict, ctx, select=threshold_filter) -> tuple:

@@ -19,8 +19,9 @@ from semiseg_cli.methods.losses import labeled_loss
 LOADERS = ("labeled", "unlabeled", "unlabeled_mix")
 
 
-def streams(model, batch: dict, ctx, select=threshold_filter) -> dict:
-    """The UniMatch forward passes and losses: predictions (pred_*), targets and the four loss terms."""
+def streams(model, batch: dict, ctx, select=threshold_filter, loss_u=unsup_ce) -> dict:
+    """The UniMatch forward passes and losses: predictions (pred_*), targets and the four loss terms.
+    `select` picks the pseudo-labelled pixels (or weights them), `loss_u` is the unlabeled loss."""
     label_mix, keep_mix = select(predict_eval_mode(model, batch["u_w_mix"]), batch["ign_mix"], ctx)
     u_s1 = cutmix(batch["u_s1"], batch["u_s1_mix"], batch["box1"])
     u_s2 = cutmix(batch["u_s2"], batch["u_s2_mix"], batch["box2"])
@@ -38,9 +39,9 @@ def streams(model, batch: dict, ctx, select=threshold_filter) -> dict:
     return {
         "pred_u_s1": pred_u_s1, "pred_u_s2": pred_u_s2, "pred_u_w_fp": pred_u_w_fp, "ign1": ign1, "ign2": ign2,
         "loss_x": labeled_loss(pred_x, batch["y"], ctx.cfg),
-        "loss_s1": unsup_ce(pred_u_s1, label1, keep1, ign1),
-        "loss_s2": unsup_ce(pred_u_s2, label2, keep2, ign2),
-        "loss_fp": unsup_ce(pred_u_w_fp, label, keep, ign),
+        "loss_s1": loss_u(pred_u_s1, label1, keep1, ign1),
+        "loss_s2": loss_u(pred_u_s2, label2, keep2, ign2),
+        "loss_fp": loss_u(pred_u_w_fp, label, keep, ign),
         "mask_ratio": kept_ratio(keep, ign),
     }
 

@@ -15,19 +15,33 @@ def build_deeplabv3plus(cfg: dict) -> nn.Module:
 
     m = cfg["model"]
     try:
-        return DeepLabV3Plus(m["backbone"], cfg["dataset"]["num_classes"], m["output_stride"], m["head_channels"])
+        model = DeepLabV3Plus(m["backbone"], cfg["dataset"]["num_classes"], m["output_stride"], m["head_channels"])
     except RuntimeError as e:  # timm: unknown model name
         if "Unknown model" in str(e) or "Invalid model" in str(e):
             raise UserError(f"model.backbone = {m['backbone']!r} is not a timm model: {e}") from None
         raise
+    if m["weights"]:
+        hint = convert_hint(m["backbone"], m["weights"])
+        if not Path(m["weights"]).is_file():
+            raise UserError(f"{m['weights']}: model.weights file not found; make it with `{hint}`")
+        load_backbone_weights(model, m["weights"], hint)
+    return model
 
 
-MODELS = {"deeplabv3plus": build_deeplabv3plus}
+def build_semivl(cfg: dict) -> nn.Module:
+    from semiseg_cli.models.semivl import build_semivl
+
+    return build_semivl(cfg)
+
+
+# model.name -> builder: the model with model.weights loaded
+MODELS = {"deeplabv3plus": build_deeplabv3plus, "semivl": build_semivl}
 
 # backbone -> the convert-weights command that makes its weights file (DST is filled in)
 CONVERT_HINT = {
     "resnet101s": "semiseg convert-weights unimatch-resnet resnet101.pth {dst}",
     "resnet50s": "semiseg convert-weights unimatch-resnet resnet50.pth {dst}",
+    "resnet101c": "semiseg convert-weights mmseg-resnet resnet101_v1c-e67eebb6.pth {dst}",  # SemiVL Cityscapes stem
     "tf_efficientnet_lite0": "semiseg convert-weights efficientnet-lite0 - {dst}",
     "efficientnet_lite0": "semiseg convert-weights efficientnet-lite0 - {dst} --backbone efficientnet_lite0",
 }
@@ -44,28 +58,21 @@ def build_model(cfg: dict) -> nn.Module:
     name = cfg["model"]["name"]
     if name not in MODELS:
         raise UserError(f"unknown model.name {name!r}{did_you_mean(name, MODELS)}; choose one of: {', '.join(MODELS)}")
-    model = MODELS[name](cfg)
-    weights = cfg["model"]["weights"]
-    if weights:
-        hint = convert_hint(cfg["model"]["backbone"], weights)
-        if not Path(weights).is_file():
-            raise UserError(f"{weights}: model.weights file not found; make it with `{hint}`")
-        load_backbone_weights(model, weights, hint)
-    return model
+    return MODELS[name](cfg)
 
 
-def load_backbone_weights(model: nn.Module, path: str | Path, hint: str) -> None:
-    """Load a converted backbone state dict into `model.backbone`: every backbone key must be there with
-    its shape. Extra keys (an ImageNet classifier the segmentation backbone does not use) are ignored."""
+def load_backbone_weights(model: nn.Module, path: str | Path, hint: str, part: str = "backbone") -> None:
+    """Load a converted backbone state dict into `model.<part>`: every key of that part must be there with
+    its shape. Extra keys (an ImageNet classifier, stages a truncated encoder does not have) are ignored."""
     from semiseg_cli.engine.checkpoint import load_file
 
     state = load_file(path)
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path}: not a converted weights file (expected a state dict of tensors); make one with `{hint}`")
-    own = model.backbone.state_dict()
+    own = getattr(model, part).state_dict()
     missing = sorted(set(own) - set(state))
     wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
     if missing or wrong:
         detail = f"{len(missing)} backbone keys missing (e.g. {missing[:1]}), {len(wrong)} of another shape (e.g. {wrong[:1]})"
-        raise UserError(f"{path}: does not fit this model.backbone ({detail}); make the file with `{hint}`")
-    model.backbone.load_state_dict({k: state[k] for k in own})
+        raise UserError(f"{path}: does not fit this model.{part} ({detail}); make the file with `{hint}`")
+    getattr(model, part).load_state_dict({k: state[k] for k in own})

@@ -1,0 +1,180 @@
+"""SemiVL's model (Hoyer et al., ECCV 2024; specs/semivl_unimatch.md §4b, §4c): a CLIP ViT (MaskCLIP value
+path, attention-only fine-tuning) + the language-guided decoder, with the class text embeddings as a fixed
+buffer, so a checkpoint is self-contained for `eval` / `infer`.
+
+Children (the optimizer's groups, `optim.lr_mult.<child>`): `backbone` (only Q/K/V/output projections and
+the position embedding train: "spatial fine-tuning"), `head` (the decoder, LR x10 in the papers) and, for
+Cityscapes, `conv_encoder` (a ResNet-v1c stem + layer1 whose stride-4 features replace the block-0 skip).
+
+Text: the decoder's class embeddings come from open_clip's text tower of the same user-supplied CLIP
+weights ("a photo of a {name}", cached beside the converted weights; semiseg_cli/models/text_embeddings.py).
+Class-name lists live in semiseg_cli/data/class_names/*.json (a nested list = the definitions / concepts of
+each class). Without weights (the CPU recipe's tiny random ViT) the text embeddings are fixed random unit
+vectors drawn from a constant seed: the pipeline runs, the language prior is absent.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from semiseg_cli.data.datasets import class_names, did_you_mean
+from semiseg_cli.errors import UserError
+from semiseg_cli.models.clip_vit import MaskClipViT, freeze_for_spatial_finetuning
+from semiseg_cli.models.vlg_decoder import VLGDecoder
+
+# model.backbone -> MaskClipViT architecture (a converted weights file must have the same one)
+VIT_ARCHS: dict[str, dict] = {
+    "clip-vit-b16": dict(width=768, layers=12, heads=12, patch=16, embed_dim=512),
+    "clip-vit-tiny": dict(width=64, layers=3, heads=1, patch=16, embed_dim=32),  # CPU recipe, tests (heads: width // 64 as CLIP)
+}
+# model.backbone -> the blocks whose value-path features are the decoder's (shallow, deep) skips
+SKIP_BLOCKS: dict[str, tuple[int, int]] = {"clip-vit-b16": (0, 4), "clip-vit-tiny": (0, 1)}
+CLASS_NAMES_DIR = Path(__file__).resolve().parents[1] / "data" / "class_names"
+TEMPLATE = "a photo of a {}"  # SemiVL's single prompt (no period, no ensembling)
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def load_class_text(name: str | None, cfg: dict) -> list:
+    """A class-name list: `name` from data/class_names/<name>.json (possibly nested: concepts per class),
+    or the dataset's class names when None."""
+    if name is None:
+        return class_names(cfg["dataset"]["name"], cfg["dataset"]["root"])
+    path = CLASS_NAMES_DIR / f"{name}.json"
+    if not path.is_file():
+        have = sorted(p.stem for p in CLASS_NAMES_DIR.glob("*.json"))
+        raise UserError(f"class-name list {name!r} not found{did_you_mean(name, have)}; choose one of: {', '.join(have)}")
+    names = json.loads(path.read_text())
+    if len(names) != cfg["dataset"]["num_classes"]:
+        raise UserError(f"{path}: {len(names)} classes, but dataset.num_classes is {cfg['dataset']['num_classes']}")
+    return names
+
+
+def embed_class_text(cfg: dict, names: list, average: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeddings [N, E], owner [N]: the class of each row). A nested list gives one row per concept
+    (owner = its class), or with `average` one row per class (the mean of its concepts' un-normalised
+    embeddings, normalised: SemiVL's "conceptavg")."""
+    groups = [n if isinstance(n, list) else [n] for n in names]
+    owner = torch.tensor([k for k, g in enumerate(groups) for _ in g])
+    weights = cfg["model"]["weights"]
+    if weights:
+        from semiseg_cli.models.text_embeddings import text_embeddings
+
+        emb = text_embeddings(weights, [c for g in groups for c in g], TEMPLATE, normalize=not average)
+    else:
+        dim = VIT_ARCHS[cfg["model"]["backbone"]]["embed_dim"]
+        emb = torch.randn(len(owner), dim, generator=torch.Generator().manual_seed(seed))
+    if average:
+        emb = torch.zeros(len(groups), emb.shape[1]).index_add_(0, owner, emb.float()) / torch.bincount(owner)[:, None]
+        owner = torch.arange(len(groups))
+    return F.normalize(emb.float(), dim=-1), owner
+
+
+def build_vit(cfg: dict, out_indices, img_size: int) -> MaskClipViT:
+    m = cfg["model"]
+    if m["backbone"] not in VIT_ARCHS:
+        raise UserError(f"model.backbone {m['backbone']!r} is not a SemiVL ViT{did_you_mean(m['backbone'], VIT_ARCHS)}; "
+                        f"choose one of: {', '.join(VIT_ARCHS)}")
+    return MaskClipViT(**VIT_ARCHS[m["backbone"]], img_size=img_size, act=m["vit_act"], ln_eps=m["vit_ln_eps"],
+                       out_indices=tuple(out_indices))
+
+
+def load_vit_weights(vit: MaskClipViT, cfg: dict) -> None:
+    """Load `model.weights` (made by `semiseg convert-weights openai-clip|open-clip`) into `vit`."""
+    from semiseg_cli.engine.checkpoint import load_file
+
+    path = cfg["model"]["weights"]
+    hint = f"semiseg convert-weights openai-clip ViT-B-16.pt {path}"
+    if not Path(path).is_file():
+        raise UserError(f"{path}: model.weights file not found; make it with `{hint}`")
+    state = load_file(path)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: not a converted CLIP file (expected a state dict of tensors); make one with `{hint}`")
+    try:
+        vit.load_converted(state)
+    except UserError as e:
+        raise UserError(f"{path}: {e}; make the file with `{hint}`") from None
+
+
+class SemiVLModel(nn.Module):
+    """CLIP ViT + language-guided decoder (+ ResNet stem for Cityscapes).
+
+    forward(x [B,3,H,W] ImageNet-normalised, need_fp=False) -> logits [B,K,H,W], or with need_fp the pair
+    (clean, feature-perturbed) logits: Dropout2d(0.5) on every decoder input feature (UniMatch's FP stream
+    as SemiVL applies it; the text embeddings are never perturbed).
+    """
+
+    def __init__(self, cfg: dict, text: torch.Tensor):
+        super().__init__()
+        m = cfg["model"]
+        self.conv_encoder = None
+        if m["conv_encoder"]:
+            import timm
+
+            # ResNet-v1c stem (3->32->32->64, max-pool) + layer1: 256 channels at stride 4
+            self.conv_encoder = timm.create_model(m["conv_encoder"], pretrained=False, features_only=True,
+                                                  out_indices=(1,))
+            skip_ch = self.conv_encoder.feature_info.channels()[0]
+        arch = VIT_ARCHS.get(m["backbone"], {})
+        shallow, deep = SKIP_BLOCKS[m["backbone"]] if m["backbone"] in SKIP_BLOCKS else (0, 0)
+        self.backbone = build_vit(cfg, (deep,) if self.conv_encoder else (shallow, deep), cfg["train"]["crop_size"])
+        width = arch["width"]
+        self.head = VLGDecoder(embed_dim=arch["embed_dim"],
+                               skip_in=(width, skip_ch) if self.conv_encoder else (width, width),
+                               skip_channels=(32, 32) if self.conv_encoder else (32, 16))
+        self.register_buffer("text", text.float())  # [K, E], fixed: saved in checkpoints, never trained
+        self.renorm_clip = m["renorm_clip"]
+        freeze_for_spatial_finetuning(self.backbone)  # only Q/K/V/out projections and pos_embed train
+
+    def vit_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The ViT gets the ImageNet-normalised image, or (Cityscapes, renorm_clip) CLIP's normalisation."""
+        if not self.renorm_clip:
+            return x
+        return clip_renorm(x)
+
+    def forward(self, x: torch.Tensor, need_fp: bool = False):
+        h, w = x.shape[-2:]
+        out = self.backbone(self.vit_input(x))
+        skips = out["skips"][::-1]                                    # deepest first: block 4, then block 0
+        if self.conv_encoder is not None:
+            skips = [skips[0], self.conv_encoder(x)[0]]
+        feats = [out["dense"], *skips]
+        if need_fp:
+            feats = [torch.cat([f, F.dropout2d(f, 0.5, self.training)]) for f in feats]
+        logits = self.head(feats[0], feats[1:], self.text)
+        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+        return logits.chunk(2) if need_fp else logits
+
+
+def clip_renorm(x: torch.Tensor) -> torch.Tensor:
+    """ImageNet-normalised -> CLIP-normalised image (SemiVL's `renorm_clip_img`)."""
+    def col(v):
+        return torch.tensor(v, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * col(IMAGENET_STD) + col(IMAGENET_MEAN) - col(CLIP_MEAN)) / col(CLIP_STD)
+
+
+def build_semivl(cfg: dict) -> SemiVLModel:
+    """The SemiVL model with `model.weights` loaded into the ViT and the decoder's text embeddings computed
+    from the same weights (`model.class_text`, averaged per class with `model.class_text_avg`)."""
+    m = cfg["model"]
+    names = load_class_text(m["class_text"], cfg)
+    text, _ = embed_class_text(cfg, names, average=m["class_text_avg"], seed=0)
+    if text.shape[0] != cfg["dataset"]["num_classes"]:
+        raise UserError(f"model.class_text gives {text.shape[0]} embeddings for {cfg['dataset']['num_classes']} classes; "
+                        "set model.class_text_avg=true for a list of class definitions")
+    model = SemiVLModel(cfg, text)
+    if m["weights"]:
+        load_vit_weights(model.backbone, cfg)
+    if m["conv_encoder"] and m["conv_encoder_weights"]:
+        from semiseg_cli.models import convert_hint, load_backbone_weights
+
+        path = m["conv_encoder_weights"]
+        hint = convert_hint(m["conv_encoder"], path)
+        if not Path(path).is_file():
+            raise UserError(f"{path}: model.conv_encoder_weights file not found; make it with `{hint}`")
+        load_backbone_weights(model, path, hint, part="conv_encoder")
+    return model
