@@ -129,12 +129,14 @@ def test_class_definitions_give_concept_rows_or_per_class_averages():
 
 
 # the spec's §4f table: (recipe, crop, lr, backbone mult, epochs or iters, guidance text, eval)
-SPEC = [("semivl-voc-92", 512, 1e-4, 0.01, ("epochs", 80), "voc12_wbg_classes_w_concepts4", ("slide", 512, 426, 512)),
-        ("semivl-voc-1464", 512, 1e-4, 0.01, ("epochs", 80), "voc12_wbg_classes_w_concepts4", ("slide", 512, 426, 512)),
-        ("semivl-coco-1_512", 512, 4e-4, 0.001, ("epochs", 10), "coco_classes", ("slide", 512, 426, None)),
-        ("semivl-ade20k-1_64", 512, 4e-4, 0.001, ("epochs", 40), "ade_classes", ("slide", 512, 426, 512)),
-        ("semivl-cityscapes-1_30", 801, 5e-5, 0.1, ("iters", 83880), "cityscapes_classes_w_concepts3", ("slide_sum", 801, 534, None)),
-        ("semivl-cityscapes-1_16", 801, 5e-5, 0.1, ("iters", 83760), "cityscapes_classes_w_concepts3", ("slide_sum", 801, 534, None))]
+SPEC = ([(f"semivl-voc-{s}", 512, 1e-4, 0.01, ("epochs", 80), "voc12_wbg_classes_w_concepts4", ("slide", 512, 426, 512))
+         for s in ("92", "183", "366", "732", "1464")]
+        + [(f"semivl-coco-{s}", 512, 4e-4, 0.001, ("epochs", 10), "coco_classes", ("slide", 512, 426, None))
+           for s in ("1_512", "1_256", "1_128", "1_64", "1_32")]
+        + [(f"semivl-ade20k-{s}", 512, 4e-4, 0.001, ("epochs", 40), "ade_classes", ("slide", 512, 426, 512))
+           for s in ("1_128", "1_64", "1_32", "1_16", "1_8")]
+        + [(f"semivl-cityscapes-{s}", 801, 5e-5, 0.1, ("iters", n), "cityscapes_classes_w_concepts3", ("slide_sum", 801, 534, None))
+           for s, n in (("1_30", 83880), ("1_16", 83760), ("1_8", 83782), ("1_4", 83979), ("1_2", 83886))])
 
 
 @pytest.mark.parametrize("name,crop,lr,mult,length,guide,ev", SPEC)

@@ -57,21 +57,17 @@ def load_class_text(name: str | None, cfg: dict) -> list:
 def embed_class_text(cfg: dict, names: list, average: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(embeddings [N, E], owner [N]: the class of each row). A nested list gives one row per concept
     (owner = its class), or with `average` one row per class (the mean of its concepts' un-normalised
-    embeddings, normalised: SemiVL's "conceptavg")."""
-    groups = [n if isinstance(n, list) else [n] for n in names]
-    owner = torch.tensor([k for k, g in enumerate(groups) for _ in g])
-    weights = cfg["model"]["weights"]
-    if weights:
-        from semiseg_cli.models.text_embeddings import text_embeddings
+    embeddings, normalised: SemiVL's "conceptavg"). Without model.weights: fixed random unit vectors
+    (`seed`), one per class."""
+    if cfg["model"]["weights"]:
+        from semiseg_cli.models.text_embeddings import concept_embeddings
 
-        emb = text_embeddings(weights, [c for g in groups for c in g], TEMPLATE, normalize=not average)
-    else:
-        dim = VIT_ARCHS[cfg["model"]["backbone"]]["embed_dim"]
-        emb = torch.randn(len(owner), dim, generator=torch.Generator().manual_seed(seed))
-    if average:
-        emb = torch.zeros(len(groups), emb.shape[1]).index_add_(0, owner, emb.float()) / torch.bincount(owner)[:, None]
-        owner = torch.arange(len(groups))
-    return F.normalize(emb.float(), dim=-1), owner
+        return concept_embeddings(cfg["model"]["weights"], names, TEMPLATE, average=average)
+    owner = torch.arange(len(names)) if average else torch.tensor(
+        [k for k, n in enumerate(names) for _ in (n if isinstance(n, list) else [n])])
+    dim = VIT_ARCHS[cfg["model"]["backbone"]]["embed_dim"]
+    emb = torch.randn(len(owner), dim, generator=torch.Generator().manual_seed(seed))
+    return F.normalize(emb, dim=-1), owner
 
 
 def build_vit(cfg: dict, out_indices, img_size: int) -> MaskClipViT:
