@@ -129,22 +129,6 @@ def test_model_accepts_paper_crop_sizes_and_fp():
     assert out.shape == fp.shape == (2, 21, 65, 65) and not torch.equal(out, fp)
 
 
-def test_unet_accepts_any_size_fp_and_refuses_weights():
-    from semiseg_cli.config import load_config
-    from semiseg_cli.errors import UserError
-    from semiseg_cli.models import build_model
-
-    model = build_model(load_config("supervised-synthetic", ["model.name=unet", "model.weights=null"])).eval()
-    assert {n for n, _ in model.named_children()} == {"backbone", "head"}  # the optimizer's LR groups
-    with torch.no_grad():
-        assert model(torch.zeros(1, 3, 97, 130)).shape == (1, 6, 97, 130)
-    model.train()
-    out, fp = model(torch.randn(2, 3, 64, 48), need_fp=True)
-    assert out.shape == fp.shape == (2, 6, 64, 48) and not torch.equal(out, fp)
-    with pytest.raises(UserError, match="from scratch"):
-        build_model(load_config("supervised-synthetic", ["model.name=unet", "model.weights=w.pt"]))
-
-
 class MMSegResNetV1c(nn.Module):
     """mmseg's ResNetV1c layout: a deep stem `stem.0..8` (3->32->32->64, each conv + BN + ReLU), max-pool,
     torchvision bottleneck stages."""

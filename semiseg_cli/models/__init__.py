@@ -34,16 +34,8 @@ def build_semivl(cfg: dict) -> nn.Module:
     return build_semivl(cfg)
 
 
-def build_unet(cfg: dict) -> nn.Module:
-    from semiseg_cli.models.unet import UNet
-
-    if cfg["model"]["weights"]:
-        raise UserError("model.name=unet is trained from scratch: set model.weights=null")
-    return UNet(cfg["dataset"]["num_classes"], cfg["model"]["unet_width"])
-
-
 # model.name -> builder: the model with model.weights loaded
-MODELS = {"deeplabv3plus": build_deeplabv3plus, "semivl": build_semivl, "unet": build_unet}
+MODELS = {"deeplabv3plus": build_deeplabv3plus, "semivl": build_semivl}
 
 # backbone -> the convert-weights command that makes its weights file (DST is filled in)
 CONVERT_HINT = {
