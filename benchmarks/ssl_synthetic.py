@@ -5,7 +5,7 @@ budget, several seeds.
 
 Trains `<method>-synthetic` through the real CLI for every method and seed (runs go to
 runs/bench-ssl-synthetic/<method>-seed<k>/; a finished run is reused, an interrupted one resumed), then
-writes benchmarks/results/ssl_synthetic.json: per run the final and best val mIoU, per method the mean and
+writes benchmarks/results/ssl_synthetic.json (`--result NAME` for another name): per run the final and best val mIoU, per method the mean and
 std over seeds of the final mIoU and its gain over supervised. The final mIoU (not the best on val) is the
 compared figure, so no method is selected on the validation set.
 """
@@ -54,6 +54,8 @@ def main():
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config override for every run (e.g. train.iters=100 for a quick look)")
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-ssl-synthetic")
+    ap.add_argument("--result", default="ssl_synthetic",
+                    help="name of the JSON in benchmarks/results/ (use another for runs with --set overrides)")
     args = ap.parse_args()
 
     runs = [run_one(m, s, args.runs, args.overrides) for m in args.methods for s in args.seeds]
@@ -68,7 +70,7 @@ def main():
     result = {"overrides": args.overrides, "seeds": args.seeds, "summary": summary, "runs": runs}
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ssl_synthetic.json").write_text(json.dumps(result, indent=2))
+    (out / f"{args.result}.json").write_text(json.dumps(result, indent=2))
     print(f"{'method':<12} {'final mIoU':>16} {'gain':>7}")
     for m, s in summary.items():
         print(f"{m:<12} {s['mean']:>9.2f} ± {s['std']:<5.2f} {s.get('gain_over_supervised', 0):>+7.2f}")
