@@ -6,9 +6,8 @@ budget, several seeds.
 Trains `<method>-synthetic` through the real CLI for every method and seed (runs go to
 runs/bench-ssl-synthetic/<method>-seed<k>/; a finished run is reused, an interrupted one resumed), then
 writes benchmarks/results/ssl_synthetic.json (`--result NAME` for another name): per run the final and
-best val mIoU, per method the mean and
-std over seeds of the final mIoU and its gain over supervised. The final mIoU (not the best on val) is the
-compared figure, so no method is selected on the validation set.
+best val mIoU, per method the mean and std over seeds of the final mIoU and its gain over supervised. The
+final mIoU (not the best on val) is the compared figure, so no method is selected on the validation set.
 """
 from __future__ import annotations
 
