@@ -66,17 +66,21 @@ def print_mapping(mapping: list[tuple[str, str | None]], reasons: dict[str, str]
         err.print(f"  {old} -> {new if new else '(dropped: ' + reasons.get(old, 'unused') + ')'}", markup=False)
 
 
-def load_state_dict(path: str | Path) -> dict:
-    """A state dict from a checkpoint file; unwraps {"state_dict": ...} / {"model": ...} containers."""
-    from semiseg_cli.engine.checkpoint import load_file
-
-    obj = load_file(path)
+def unwrap_state_dict(obj, path: str | Path) -> dict:
+    """The state dict of tensors inside a loaded checkpoint ({"state_dict": ...} / {"model": ...} containers)."""
     for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{path}: expected a state dict of tensors")
     return dict(obj)
+
+
+def load_state_dict(path: str | Path) -> dict:
+    """A state dict from a checkpoint file (see `unwrap_state_dict`)."""
+    from semiseg_cli.engine.checkpoint import load_file
+
+    return unwrap_state_dict(load_file(path), path)
 
 
 def convert(fmt: str, src: str, dst: str | Path, backbone: str | None = None, quiet: bool = False,

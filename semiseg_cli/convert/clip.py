@@ -30,11 +30,11 @@ from pathlib import Path
 
 import torch
 
-from semiseg_cli.convert import check_and_report
+from semiseg_cli.convert import check_and_report, unwrap_state_dict
+from semiseg_cli.models.text_embeddings import TEXT_SUFFIX
 from semiseg_cli.errors import UserError
 
 TARGET_KIND = ""  # the summary line names MaskClipViT itself, not a timm model
-TEXT_SIDECAR_SUFFIX = ".text.pt"  # = models.text_embeddings.TEXT_SUFFIX
 
 # visual.<key> -> MaskClipViT key
 TOP = {
@@ -96,12 +96,8 @@ def is_torchscript(path: Path) -> bool:
 
 
 def _unwrap(obj, src: str) -> dict:
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"{src}: expected a state dict of tensors (a CLIP checkpoint)")
-    return {k.removeprefix("module."): v for k, v in obj.items()}  # DistributedDataParallel prefixes
+    sd = unwrap_state_dict(obj, src)
+    return {k.removeprefix("module."): v for k, v in sd.items()}  # DistributedDataParallel prefixes
 
 
 def load_openai(src: str) -> dict:
@@ -220,9 +216,9 @@ def convert(fmt: str, src: str, backbone: str | None, model_name: str | None = N
             mapping.append((key, None))
             reasons[key] = DROPPED[key]
             rest.pop(key)
-    sidecars = {TEXT_SIDECAR_SUFFIX: None}  # None: no text tower, remove a stale sidecar of an earlier DST
+    sidecars = {TEXT_SUFFIX: None}  # None: no text tower, remove a stale sidecar of an earlier DST
     if rest:
         text, text_mapping, _ = _text_part(rest, quick, src)
         mapping += text_mapping
-        sidecars[TEXT_SIDECAR_SUFFIX] = text
+        sidecars[TEXT_SUFFIX] = text
     return converted, mapping, reasons, target, sidecars

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from semiseg_cli.errors import UserError
-from semiseg_cli.methods.fixmatch import cutmix, pseudo_label, threshold_filter, unsup_ce
+from semiseg_cli.methods.fixmatch import cutmix, pseudo_label
 from semiseg_cli.methods.unimatch import LOADERS, logs, streams, unlabeled_sum  # noqa: F401 (LOADERS: the trainer's)
 
 
@@ -111,7 +111,7 @@ def train_step(model, batch: dict, ctx) -> tuple:
     if ssl["conf_mode"] == "pixelavg":
         s = streams(model, batch, ctx, select=confidence_weights, loss_u=pixelavg_ce)
     else:
-        s = streams(model, batch, ctx, select=threshold_filter, loss_u=unsup_ce)
+        s = streams(model, batch, ctx)  # tau threshold, UniMatch's loss
     guide = ctx.state
     m, m_mix = guide.labels(torch.cat([batch["u_w"], batch["u_w_mix"]]), torch.cat([batch["ign"], batch["ign_mix"]]),
                             ssl["guidance_conf"]).chunk(2)

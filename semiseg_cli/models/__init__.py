@@ -21,10 +21,7 @@ def build_deeplabv3plus(cfg: dict) -> nn.Module:
             raise UserError(f"model.backbone = {m['backbone']!r} is not a timm model: {e}") from None
         raise
     if m["weights"]:
-        hint = convert_hint(m["backbone"], m["weights"])
-        if not Path(m["weights"]).is_file():
-            raise UserError(f"{m['weights']}: model.weights file not found; make it with `{hint}`")
-        load_backbone_weights(model, m["weights"], hint)
+        load_backbone_weights(model, m["weights"], convert_hint(m["backbone"], m["weights"]))
     return model
 
 
@@ -61,11 +58,15 @@ def build_model(cfg: dict) -> nn.Module:
     return MODELS[name](cfg)
 
 
-def load_backbone_weights(model: nn.Module, path: str | Path, hint: str, part: str = "backbone") -> None:
-    """Load a converted backbone state dict into `model.<part>`: every key of that part must be there with
-    its shape. Extra keys (an ImageNet classifier, stages a truncated encoder does not have) are ignored."""
+def load_backbone_weights(model: nn.Module, path: str | Path, hint: str, part: str = "backbone",
+                          key: str = "model.weights") -> None:
+    """Load a converted backbone state dict (config key `key`) into `model.<part>`: every key of that part
+    must be there with its shape. Extra keys (an ImageNet classifier, stages a truncated encoder does not
+    have) are ignored."""
     from semiseg_cli.engine.checkpoint import load_file
 
+    if not Path(path).is_file():
+        raise UserError(f"{path}: {key} file not found; make it with `{hint}`")
     state = load_file(path)
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path}: not a converted weights file (expected a state dict of tensors); make one with `{hint}`")

@@ -29,7 +29,8 @@ from semiseg_cli.models.vlg_decoder import VLGDecoder
 # model.backbone -> MaskClipViT architecture (a converted weights file must have the same one)
 VIT_ARCHS: dict[str, dict] = {
     "clip-vit-b16": dict(width=768, layers=12, heads=12, patch=16, embed_dim=512),
-    "clip-vit-tiny": dict(width=64, layers=3, heads=1, patch=16, embed_dim=32),  # CPU recipe, tests (heads: width // 64 as CLIP)
+    # CPU recipe and tests; heads = width // 64, as CLIP (so a converted tiny open_clip model fits)
+    "clip-vit-tiny": dict(width=64, layers=3, heads=1, patch=16, embed_dim=32),
 }
 # model.backbone -> the blocks whose value-path features are the decoder's (shallow, deep) skips
 SKIP_BLOCKS: dict[str, tuple[int, int]] = {"clip-vit-b16": (0, 4), "clip-vit-tiny": (0, 1)}
@@ -70,30 +71,27 @@ def embed_class_text(cfg: dict, names: list, average: bool, seed: int) -> tuple[
     return F.normalize(emb, dim=-1), owner
 
 
-def build_vit(cfg: dict, out_indices, img_size: int) -> MaskClipViT:
-    m = cfg["model"]
-    if m["backbone"] not in VIT_ARCHS:
-        raise UserError(f"model.backbone {m['backbone']!r} is not a SemiVL ViT{did_you_mean(m['backbone'], VIT_ARCHS)}; "
+def vit_arch(name: str) -> dict:
+    if name not in VIT_ARCHS:
+        raise UserError(f"model.backbone {name!r} is not a SemiVL ViT{did_you_mean(name, VIT_ARCHS)}; "
                         f"choose one of: {', '.join(VIT_ARCHS)}")
-    return MaskClipViT(**VIT_ARCHS[m["backbone"]], img_size=img_size, act=m["vit_act"], ln_eps=m["vit_ln_eps"],
-                       out_indices=tuple(out_indices))
+    return VIT_ARCHS[name]
 
 
-def load_vit_weights(vit: MaskClipViT, cfg: dict) -> None:
+def load_vit_weights(vit: MaskClipViT, path: str) -> None:
     """Load `model.weights` (made by `semiseg convert-weights openai-clip|open-clip`) into `vit`."""
     from semiseg_cli.engine.checkpoint import load_file
 
-    path = cfg["model"]["weights"]
     hint = f"semiseg convert-weights openai-clip ViT-B-16.pt {path}"
     if not Path(path).is_file():
         raise UserError(f"{path}: model.weights file not found; make it with `{hint}`")
     state = load_file(path)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{path}: not a converted CLIP file (expected a state dict of tensors); make one with `{hint}`")
     try:
+        if not isinstance(state, dict):
+            raise UserError("not a state dict")
         vit.load_converted(state)
     except UserError as e:
-        raise UserError(f"{path}: {e}; make the file with `{hint}`") from None
+        raise UserError(f"{path}: not a converted CLIP file for this model ({e}); make it with `{hint}`") from None
 
 
 class SemiVLModel(nn.Module):
@@ -115,9 +113,10 @@ class SemiVLModel(nn.Module):
             self.conv_encoder = timm.create_model(m["conv_encoder"], pretrained=False, features_only=True,
                                                   out_indices=(1,))
             skip_ch = self.conv_encoder.feature_info.channels()[0]
-        arch = VIT_ARCHS.get(m["backbone"], {})
-        shallow, deep = SKIP_BLOCKS[m["backbone"]] if m["backbone"] in SKIP_BLOCKS else (0, 0)
-        self.backbone = build_vit(cfg, (deep,) if self.conv_encoder else (shallow, deep), cfg["train"]["crop_size"])
+        arch = vit_arch(m["backbone"])
+        shallow, deep = SKIP_BLOCKS[m["backbone"]]
+        self.backbone = MaskClipViT(**arch, img_size=cfg["train"]["crop_size"], act=m["vit_act"], ln_eps=m["vit_ln_eps"],
+                                    out_indices=(deep,) if self.conv_encoder else (shallow, deep))
         width = arch["width"]
         self.head = VLGDecoder(embed_dim=arch["embed_dim"],
                                skip_in=(width, skip_ch) if self.conv_encoder else (width, width),
@@ -164,13 +163,11 @@ def build_semivl(cfg: dict) -> SemiVLModel:
                         "set model.class_text_avg=true for a list of class definitions")
     model = SemiVLModel(cfg, text)
     if m["weights"]:
-        load_vit_weights(model.backbone, cfg)
+        load_vit_weights(model.backbone, m["weights"])
     if m["conv_encoder"] and m["conv_encoder_weights"]:
         from semiseg_cli.models import convert_hint, load_backbone_weights
 
         path = m["conv_encoder_weights"]
-        hint = convert_hint(m["conv_encoder"], path)
-        if not Path(path).is_file():
-            raise UserError(f"{path}: model.conv_encoder_weights file not found; make it with `{hint}`")
-        load_backbone_weights(model, path, hint, part="conv_encoder")
+        load_backbone_weights(model, path, convert_hint(m["conv_encoder"], path), part="conv_encoder",
+                              key="model.conv_encoder_weights")
     return model
