@@ -176,3 +176,32 @@ def test_folder_dataset_from_real_voc_samples(tmp_path, shared_data):
     (tmp_path / "classes.txt").unlink()
     with pytest.raises(UserError, match="classes.txt"):
         load_config(None, ["dataset.name=folder", f"dataset.root={tmp_path}"])
+
+
+def test_copies_of_a_tiled_labeled_image_get_their_own_crops(tiny_root):
+    """SSL epochs tile the labeled list to the unlabeled length (8 -> 16 here): each labeled image comes
+    twice per epoch and, as with UniMatch's fresh random draws, each copy is cropped on its own. Seeding
+    the crop by the item index instead gave both copies the same crop (the SSL methods then overfitted the
+    few labeled crops); the unlabeled images keep one key per image."""
+    from semiseg_cli.config import load_config
+    from semiseg_cli.data.dataset import build_dataset
+    from semiseg_cli.engine.distributed import DistEnv
+    from semiseg_cli.engine.trainer import RunSampler
+
+    cfg = load_config(None, [f"dataset.root={tiny_root}", "dataset.name=synthetic", "dataset.split=tiny",
+                             "train.crop_size=64"])
+    labeled, unlabeled = build_dataset(cfg, "labeled"), build_dataset(cfg, "unlabeled")
+    assert (len(labeled), len(unlabeled)) == (8, 16)
+    epoch_len, batch = len(unlabeled), 4
+    sampler = RunSampler(epoch_len, seed=0, env=DistEnv(), batch=batch, iters_per_epoch=epoch_len // batch,
+                         start=0, total=epoch_len // batch)   # one epoch
+    keys = list(sampler)
+    assert sorted(k[1] for k in keys) == list(range(16)) and {k[0] for k in keys} == {0}
+    crops: dict[int, list[torch.Tensor]] = {}
+    for key in keys:
+        x, _ = labeled[key]
+        crops.setdefault(key[1] % 8, []).append(x)
+    assert sorted(crops) == list(range(8)) and all(len(c) == 2 for c in crops.values())
+    assert all(not torch.equal(a, b) for a, b in crops.values())
+    # a key is a pure function of its content: the same key twice gives the same crop
+    assert torch.equal(labeled[keys[0]][0], labeled[keys[0]][0])

@@ -8,8 +8,10 @@ Tensor legend (UniMatch's names, used throughout the project):
     box1, box2  CutMix boxes of the strong views
     fp    feature-perturbed prediction (made in the model, not here)
 
-A sample is addressed by an int index or by an `(epoch, index)` key; its augmentation is drawn from a
-`random.Random` seeded by (seed, epoch, index), so it does not depend on the worker that loads it.
+A sample is addressed by an int index or by an `(epoch, position)` key from the trainer's sampler, where
+position indexes the epoch's list (the items tiled to the epoch length) and reads item position % len.
+Its augmentation is drawn from a `random.Random` seeded by (seed, epoch, position), so it does not depend
+on the worker that loads it, and every copy of a tiled labeled image gets its own crop.
 """
 from __future__ import annotations
 
@@ -68,14 +70,14 @@ class SegDataset(Dataset):
         return img, Image.fromarray(mask)
 
     def __getitem__(self, key):
-        epoch, index = key if isinstance(key, tuple) else (0, key)
-        img, mask = self.load(index)
+        epoch, position = key if isinstance(key, tuple) else (0, key)
+        img, mask = self.load(position % len(self.items))
         if self.mode == "val":
             if self.eval_resize_short:
                 img = T.resize_short_exact(img, self.eval_resize_short)
-            return T.to_uint8_tensor(img), T.to_mask_tensor(mask), index
+            return T.to_uint8_tensor(img), T.to_mask_tensor(mask), position % len(self.items)
 
-        rng = random.Random(f"{self.seed}-{epoch}-{index}")
+        rng = random.Random(f"{self.seed}-{epoch}-{position}")
         if self.resize == "short":
             img, mask = T.resize_short(img, mask, rng, self.img_scale, self.scale_range)
         else:
