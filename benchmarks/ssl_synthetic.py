@@ -4,14 +4,16 @@ budget, several seeds.
     python benchmarks/ssl_synthetic.py [--methods supervised fixmatch ...] [--seeds 0 1 2] [--set key=value ...]
 
 Trains `<method>-synthetic` through the real CLI for every method and seed (runs go to
-runs/bench-ssl-synthetic/<method>-seed<k>/; a finished run is reused, an interrupted one resumed), then
-writes benchmarks/results/ssl_synthetic.json (`--result NAME` for another name): per run the final and
-best val mIoU, per method the mean and std over seeds of the final mIoU and its gain over supervised. The
-final mIoU (not the best on val) is the compared figure, so no method is selected on the validation set.
+runs/bench-ssl-synthetic/<method>-seed<k>/; a finished run is reused if it was trained from the same
+recipe text and overrides, an interrupted one resumed), then writes benchmarks/results/ssl_synthetic.json
+(`--result NAME` for another name): per run the final and best val mIoU, per method the mean and std
+over seeds of the final mIoU and its gain over supervised. The final mIoU (not the best on val) is the
+compared figure, so no method is selected on the validation set.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import subprocess
@@ -29,9 +31,16 @@ def run_one(method: str, seed: int, runs: Path, overrides: list[str]) -> dict:
            "--set", f"train.seed={seed}"]
     for o in overrides:
         cmd += ["--set", o]
+    # what the run was trained from: a finished run is reused only for the same recipe text and overrides
+    setup = {"recipe_sha1": hashlib.sha1((ROOT / "recipes" / f"{method}-synthetic.yaml").read_bytes()).hexdigest(),
+             "overrides": overrides}
     done = out / "done.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        result = json.loads(done.read_text())
+        if result.get("setup") != setup:
+            sys.exit(f"{out}: finished with another recipe or --set overrides than this call's; "
+                     "delete it or pass --runs DIR")
+        return result
     if (out / "last.pt").is_file():
         cmd = [sys.executable, "-m", "semiseg_cli", "train", "--out", str(out), "--resume"]
     t = time.time()
@@ -41,7 +50,7 @@ def run_one(method: str, seed: int, runs: Path, overrides: list[str]) -> dict:
         sys.exit(f"{method} seed {seed} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
     ev = json.loads((out / "eval.json").read_text())
     result = {"method": method, "seed": seed, "final_miou": ev["miou"], "best_miou": ev["best_miou"],
-              "iters": ev["iter"], "train_minutes": round((time.time() - t) / 60, 2)}
+              "iters": ev["iter"], "train_minutes": round((time.time() - t) / 60, 2), "setup": setup}
     done.write_text(json.dumps(result))
     print(f"    final mIoU {ev['miou']:.2f} (best {ev['best_miou']:.2f}), {result['train_minutes']} min", flush=True)
     return result
