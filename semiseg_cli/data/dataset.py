@@ -71,11 +71,12 @@ class SegDataset(Dataset):
 
     def __getitem__(self, key):
         epoch, position = key if isinstance(key, tuple) else (0, key)
-        img, mask = self.load(position % len(self.items))
+        index = position % len(self.items)
+        img, mask = self.load(index)
         if self.mode == "val":
             if self.eval_resize_short:
                 img = T.resize_short_exact(img, self.eval_resize_short)
-            return T.to_uint8_tensor(img), T.to_mask_tensor(mask), position % len(self.items)
+            return T.to_uint8_tensor(img), T.to_mask_tensor(mask), index
 
         rng = random.Random(f"{self.seed}-{epoch}-{position}")
         if self.resize == "short":

@@ -58,11 +58,9 @@ def build_model(cfg: dict) -> nn.Module:
     return MODELS[name](cfg)
 
 
-def load_backbone_weights(model: nn.Module, path: str | Path, hint: str, part: str = "backbone",
-                          key: str = "model.weights") -> None:
-    """Load a converted backbone state dict (config key `key`) into `model.<part>`: every key of that part
-    must be there with its shape. Extra keys (an ImageNet classifier, stages a truncated encoder does not
-    have) are ignored."""
+def read_weights_file(path: str | Path, hint: str, key: str = "model.weights") -> dict:
+    """The state dict of tensors in a converted weights file (config key `key`); a missing or foreign file
+    is a UserError that says how to make it (`hint`)."""
     from semiseg_cli.engine.checkpoint import load_file
 
     if not Path(path).is_file():
@@ -70,6 +68,15 @@ def load_backbone_weights(model: nn.Module, path: str | Path, hint: str, part: s
     state = load_file(path)
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path}: not a converted weights file (expected a state dict of tensors); make one with `{hint}`")
+    return state
+
+
+def load_backbone_weights(model: nn.Module, path: str | Path, hint: str, part: str = "backbone",
+                          key: str = "model.weights") -> None:
+    """Load a converted backbone state dict (config key `key`) into `model.<part>`: every key of that part
+    must be there with its shape. Extra keys (an ImageNet classifier, stages a truncated encoder does not
+    have) are ignored."""
+    state = read_weights_file(path, hint, key)
     own = getattr(model, part).state_dict()
     missing = sorted(set(own) - set(state))
     wrong = [k for k in own if k in state and own[k].shape != state[k].shape]

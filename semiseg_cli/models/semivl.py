@@ -80,15 +80,11 @@ def vit_arch(name: str) -> dict:
 
 def load_vit_weights(vit: MaskClipViT, path: str) -> None:
     """Load `model.weights` (made by `semiseg convert-weights openai-clip|open-clip`) into `vit`."""
-    from semiseg_cli.engine.checkpoint import load_file
+    from semiseg_cli.models import read_weights_file
 
     hint = f"semiseg convert-weights openai-clip ViT-B-16.pt {path}"
-    if not Path(path).is_file():
-        raise UserError(f"{path}: model.weights file not found; make it with `{hint}`")
-    state = load_file(path)
+    state = read_weights_file(path, hint)
     try:
-        if not isinstance(state, dict):
-            raise UserError("not a state dict")
         vit.load_converted(state)
     except UserError as e:
         raise UserError(f"{path}: not a converted CLIP file for this model ({e}); make it with `{hint}`") from None
