@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DATA ?= data
 RUNS ?= runs
-DEMO_SET ?=          # extra train options, e.g. DEMO_SET="--set train.iters=50" for a quick look
+DEMO_SET ?=          # extra train options, e.g. DEMO_SET="--set train.iters=600 --set train.eval_every=100" on a CPU
 
 .PHONY: install test demo bench clean
 

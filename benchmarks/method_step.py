@@ -111,7 +111,8 @@ def main():
     result = {"recipe": args.recipe, "device": device_name(device),
               "amp": args.amp, "channels_last": args.channels_last, "steps": args.steps,
               "methods": rows, "torch": torch.__version__}
-    write_result(f"method_step-{args.recipe}-{device.type}", result)
+    variant = (f"-{args.amp}" if args.amp != "off" else "") + ("-cl" if args.channels_last else "")
+    write_result(f"method_step-{args.recipe}-{device.type}{variant}", result)
 
 
 if __name__ == "__main__":
