@@ -8,7 +8,7 @@ batches of the recipe's batch and crop (labeled, unlabeled and mix-source stream
 PrevMatch runs with a full draw from a pool of three stored models, S4MC with its filter on, SemiVL with
 its frozen guidance ViT (`--recipe semivl-voc-92 --methods supervised unimatch semivl`). Data loading
 is not included (benchmarks/data_pipeline.py measures it). JSON on stdout and in
-benchmarks/results/method_step-<recipe>-<device>.json.
+benchmarks/results/method_step-<recipe>-<device>[-<amp>][-cl].json.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from semiseg_cli.methods.prevmatch import PrevModelPool
 from semiseg_cli.methods import semivl
 from semiseg_cli.methods.s4mc import S4MCState
 from semiseg_cli.models import build_model
-from train_step import device_name, sync, write_result  # benchmarks/ is on sys.path when this script runs
+from train_step import device_name, result_name, sync, write_result  # benchmarks/ is on sys.path when this script runs
 
 
 def random_batch(b: int, crop: int, k: int, device) -> dict:
@@ -111,8 +111,7 @@ def main():
     result = {"recipe": args.recipe, "device": device_name(device),
               "amp": args.amp, "channels_last": args.channels_last, "steps": args.steps,
               "methods": rows, "torch": torch.__version__}
-    variant = (f"-{args.amp}" if args.amp != "off" else "") + ("-cl" if args.channels_last else "")
-    write_result(f"method_step-{args.recipe}-{device.type}{variant}", result)
+    write_result(result_name("method_step", args.recipe, device, args.amp, args.channels_last), result)
 
 
 if __name__ == "__main__":

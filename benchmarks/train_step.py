@@ -4,7 +4,7 @@
 
 Reports images/s of a full training step (forward, backward, SGD step), peak memory (CUDA: allocated;
 CPU: process max RSS), and images/s of whole-image evaluation at the eval size. JSON on stdout and in
-benchmarks/results/train_step-<recipe>-<device>.json.
+benchmarks/results/train_step-<recipe>-<device>[-<amp>][-cl].json.
 """
 from __future__ import annotations
 
@@ -31,6 +31,11 @@ def sync(device):
 def device_name(device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def result_name(kind: str, recipe: str, device, amp: str, channels_last: bool) -> str:
+    """<kind>-<recipe>-<device type>[-<amp>][-cl]: one file per variant, so variants do not overwrite."""
+    return f"{kind}-{recipe}-{device.type}" + (f"-{amp}" if amp != "off" else "") + ("-cl" if channels_last else "")
 
 
 def write_result(name: str, result: dict) -> None:
@@ -101,7 +106,7 @@ def main():
               "batch": b, "crop": crop, "amp": args.amp, "channels_last": args.channels_last,
               "train_images_per_s": round(train_ips, 2), "peak_memory_mib": round(peak, 1),
               "eval_size": [h, w], "eval_images_per_s": round(eval_ips, 2), "torch": torch.__version__}
-    write_result(f"train_step-{args.recipe}-{device.type}", result)
+    write_result(result_name("train_step", args.recipe, device, args.amp, args.channels_last), result)
 
 
 if __name__ == "__main__":
