@@ -20,30 +20,15 @@ from pathlib import Path
 import torch
 
 from semiseg_cli.config import load_config
-from semiseg_cli.engine.distributed import DistEnv
-from semiseg_cli.engine.trainer import BATCH_KEYS, StepContext, build_optimizer, load_method
+from semiseg_cli.distributed import DistEnv
+from semiseg_cli.data.streams import fake_batch
+from semiseg_cli.engine.optim import build_optimizer
+from semiseg_cli.engine.trainer import StepContext, load_method
 from semiseg_cli.methods.prevmatch import PrevModelPool
 from semiseg_cli.methods import semivl
 from semiseg_cli.methods.s4mc import S4MCState
 from semiseg_cli.models import build_model
 from train_step import device_name, result_name, sync, write_result  # benchmarks/ is on sys.path when this script runs
-
-
-def random_batch(b: int, crop: int, k: int, device) -> dict:
-    batch = {}
-    for keys in BATCH_KEYS.values():
-        for key in keys:
-            if key == "y":
-                batch[key] = torch.randint(0, k, (b, crop, crop), device=device)
-            elif key.startswith("ign"):
-                batch[key] = torch.zeros(b, crop, crop, dtype=torch.long, device=device)
-            elif key.startswith("box"):
-                box = torch.zeros(b, crop, crop, device=device)
-                box[:, crop // 4: crop // 2, crop // 4: 3 * crop // 4] = 1
-                batch[key] = box
-            else:
-                batch[key] = torch.randn(b, 3, crop, crop, device=device)
-    return batch
 
 
 def main():
@@ -69,7 +54,7 @@ def main():
             model = model.to(memory_format=torch.channels_last)
         opt = build_optimizer(cfg, model)
         b, crop, k = cfg["train"]["global_batch"], cfg["train"]["crop_size"], cfg["dataset"]["num_classes"]
-        batch = random_batch(b, crop, k, device)
+        batch = fake_batch(n=b, size=crop, num_classes=k, device=device, pad_rows=0)
         state = None
         tmp = tempfile.TemporaryDirectory()
         if method == "prevmatch":

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from semiseg_cli.config import load_config
-from semiseg_cli.engine.trainer import build_optimizer
+from semiseg_cli.engine.optim import build_optimizer
 from semiseg_cli.models import build_model
 
 

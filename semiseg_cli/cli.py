@@ -8,16 +8,18 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-import click
 import typer
 
 from semiseg_cli import __version__
 from semiseg_cli.console import err, progress
 from semiseg_cli.console import out as stdout
-from semiseg_cli.errors import UserError
+from semiseg_cli.config import CHOICES
+from semiseg_cli.convert import FORMATS
+from semiseg_cli.data.prepare import CONVERTERS as PREPARE_CONVERTERS
+from semiseg_cli.errors import UserError, did_you_mean
 
 app = typer.Typer(
-    name="semiseg", no_args_is_help=True, add_completion=False, rich_markup_mode="rich",
+    name="semiseg", no_args_is_help=True, add_completion=True, rich_markup_mode="rich",
     pretty_exceptions_enable=False,
     help="Label-efficient semantic segmentation: prepare data, train, evaluate and apply semi-, weakly- and "
          "text-supervised models. Run `semiseg COMMAND --help` for worked examples.",
@@ -27,6 +29,13 @@ app.add_typer(config_app, name="config")
 
 RecipeOpt = typer.Option(None, "--recipe", "-r", help="Recipe name (see `semiseg recipes`) or path to a YAML file.")
 SetOpt = typer.Option(None, "--set", "-s", help="Override a config key, e.g. --set train.iters=100 (repeatable; values are YAML).")
+
+
+def _choice(key: str, value):
+    """A --option whose values are the config schema's choices for `key` (did-you-mean on a typo)."""
+    if value is not None and value not in CHOICES[key]:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(CHOICES[key])}{did_you_mean(value, CHOICES[key])}")
+    return value
 
 
 def _version(value: bool):
@@ -77,7 +86,7 @@ def config_show(recipe: Optional[str] = RecipeOpt, sets: Optional[List[str]] = S
     "  semiseg prepare-data coco --src ~/downloads/coco --root data/coco\n\n"
     "The source folder is only read. A second run skips finished files."))
 def prepare_data(
-    dataset: str = typer.Argument(..., help="voc, cityscapes, coco, ade20k, camvid or synthetic."),
+    dataset: str = typer.Argument(..., help=", ".join(PREPARE_CONVERTERS) + "."),
     src: Optional[Path] = typer.Option(None, "--src", help="Folder with the downloaded originals (not needed for synthetic)."),
     root: Optional[Path] = typer.Option(None, "--root", help="Output dataset root (default $SEMISEG_DATA/<dataset>)."),
     allow_partial: bool = typer.Option(False, "--allow-partial", help="Accept a source that lacks some images of the split lists."),
@@ -156,11 +165,12 @@ def _model_from_checkpoint(run: Optional[Path], checkpoint: Optional[Path], reci
 def eval_cmd(run: Optional[Path] = typer.Option(None, "--run", help="Run folder (uses best.pt, else last.pt)."),
              checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A checkpoint file."),
              recipe: Optional[str] = RecipeOpt, sets: Optional[List[str]] = SetOpt,
-             mode: Optional[str] = typer.Option(None, "--mode", help="whole | slide | slide_sum (overrides eval.mode)."),
+             mode: Optional[str] = typer.Option(None, "--mode", callback=lambda v: _choice("eval.mode", v),
+                                                help=f"{' | '.join(CHOICES['eval.mode'])} (overrides eval.mode)."),
              as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON.")):
     """Evaluate a checkpoint on the validation list: per-class IoU table, mIoU, pixel accuracy."""
     from semiseg_cli.data.dataset import build_dataset
-    from semiseg_cli.engine.distributed import cleanup, init_distributed
+    from semiseg_cli.distributed import cleanup, init_distributed
     from semiseg_cli.engine.evaluate import evaluate, iou_table
 
     cfg, model = _model_from_checkpoint(run, checkpoint, recipe, (sets or []) + ([f"eval.mode={mode}"] if mode else []))
@@ -187,7 +197,7 @@ def infer_cmd(checkpoint: Path = typer.Option(..., "--checkpoint", help="A check
               overlay: bool = typer.Option(False, "--overlay", help="Also write colour overlays."),
               batch_size: int = typer.Option(4, "--batch-size", help="Images per forward pass (same-size images).")):
     """Predict segmentation masks for new images."""
-    from semiseg_cli.engine.distributed import init_distributed
+    from semiseg_cli.distributed import init_distributed
     from semiseg_cli.engine.infer import infer
 
     cfg, model = _model_from_checkpoint(None, checkpoint, None, sets)
@@ -209,7 +219,7 @@ def infer_cmd(checkpoint: Path = typer.Option(..., "--checkpoint", help="A check
     "also writes the text tower to weights/clip_vitb16.text.pt)\n\n"
     "  semiseg convert-weights open-clip open_clip_model.safetensors weights/clip_vitb16.pt --model-name ViT-B-16\n\n"
     "Then train with --set model.weights=weights/....pt"))
-def convert_weights(fmt: str = typer.Argument(..., metavar="FORMAT", help="torchvision-resnet, unimatch-resnet, mmseg-resnet, efficientnet-lite0, openai-clip or open-clip."),
+def convert_weights(fmt: str = typer.Argument(..., metavar="FORMAT", help=", ".join(FORMATS) + "."),
                     src: str = typer.Argument(..., help="The original weights file ('-': the packaged file, where one exists)."),
                     dst: Path = typer.Argument(..., help="Where to write the converted state dict."),
                     backbone: Optional[str] = typer.Option(None, "--backbone", help="Target timm model (default: inferred)."),
@@ -233,18 +243,37 @@ def _one_line(e: BaseException) -> str:
     return text.strip().splitlines()[0] if text.strip() else type(e).__name__
 
 
+# The click that typer runs on: typer >= 0.26 bundles its own copy (typer._click), older typer uses the
+# `click` package. Its exception classes are found from typer's own, so both work.
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+_NoArgsIsHelp = next((c for c in vars(sys.modules[_ClickException.__module__]).values()
+                      if isinstance(c, type) and c.__name__ == "NoArgsIsHelpError"), ())
+
+
+def _usage_line(e) -> str:
+    """A usage error as one line: click's message (did-you-mean included) and where to get help."""
+    message = " ".join(e.format_message().split())
+    ctx = getattr(e, "ctx", None)
+    where = f"{ctx.command_path} --help" if ctx is not None else "semiseg --help"
+    return f"error: {message} (see `{where}`)"
+
+
 def main() -> None:
-    """Entry point of the `semiseg` console script."""
+    """Entry point of the `semiseg` console script: results on stdout; one line on stderr and exit code 2
+    for anything the user can fix (a usage mistake, bad input); 130 when interrupted."""
     try:
         app(prog_name="semiseg", standalone_mode=False)
     except UserError as e:
         err.print(f"error: {_one_line(e)}", markup=False, soft_wrap=True)
         sys.exit(2)
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except _NoArgsIsHelp as e:  # a bare `semiseg` / `semiseg config`: the help, exit 0
+        stdout.print(e.ctx.get_help(), markup=False, highlight=False) if e.ctx is not None else None
+        sys.exit(0)
+    except _ClickException as e:
+        err.print(_usage_line(e), markup=False, soft_wrap=True)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
         err.print("aborted")
         sys.exit(130)

@@ -18,7 +18,8 @@ from typing import Any
 
 import yaml
 
-from semiseg_cli.data.datasets import DATASETS, class_names, default_root, did_you_mean
+from semiseg_cli.data.datasets import DATASETS, class_names, default_root
+from semiseg_cli.errors import did_you_mean
 from semiseg_cli.errors import UserError
 from semiseg_cli.resources import resource_dir
 
@@ -29,6 +30,7 @@ NULLABLE = {
     "dataset.root": str, "dataset.num_classes": int, "model.weights": str, "train.iters": int,
     "eval.crop": int, "eval.stride": int, "eval.resize_short": int, "model.class_text": str,
     "model.conv_encoder": str, "model.conv_encoder_weights": str, "ssl.guidance_text": str,
+    "optim.bias_weight_decay": float,
 }
 # Mappings whose sub-keys are not fixed by the schema (values must still be numbers).
 OPEN = {"optim.lr_mult": float}
@@ -37,13 +39,16 @@ CHOICES = {
     "train.amp": ["bf16", "fp16", "off"],
     "train.resize": ["long", "short"],
     "train.labeled_loss": ["ce", "ohem"],
-    "optim.name": ["sgd", "adamw"],
-    "optim.schedule": ["poly"],
+    "optim.name": ["sgd", "adamw"],  # engine/optim.py OPTIMIZERS (a test checks)
+    "optim.schedule": ["poly", "cosine", "constant_then_cosine"],  # engine/optim.py SCHEDULES (a test checks)
     "eval.mode": ["whole", "slide", "slide_sum"],
     "ssl.s4mc_base": ["fixmatch", "unimatch"],
     "ssl.s4mc_neighbourhood": [4, 8],
     "ssl.conf_mode": ["pixelwise", "pixelavg"],
     "model.vit_act": ["gelu", "quick_gelu"],
+    # = models/smp.py ARCHS, spelled out so that reading a config never imports torch (tests/test_smp.py checks)
+    "model.arch": ["Unet", "UnetPlusPlus", "FPN", "PSPNet", "DeepLabV3", "DeepLabV3Plus", "Linknet", "MAnet", "PAN",
+                   "UPerNet", "Segformer"],
 }
 
 

@@ -185,7 +185,7 @@ def test_copies_of_a_tiled_labeled_image_get_their_own_crops(tiny_root):
     few labeled crops); the unlabeled images keep one key per image."""
     from semiseg_cli.config import load_config
     from semiseg_cli.data.dataset import build_dataset
-    from semiseg_cli.engine.distributed import DistEnv
+    from semiseg_cli.distributed import DistEnv
     from semiseg_cli.engine.trainer import RunSampler
 
     cfg = load_config(None, [f"dataset.root={tiny_root}", "dataset.name=synthetic", "dataset.split=tiny",

@@ -6,34 +6,15 @@ import pytest
 import torch
 
 from semiseg_cli.config import load_config
-from semiseg_cli.engine.distributed import DistEnv
-from semiseg_cli.engine.trainer import BATCH_KEYS, StepContext, load_method
+from semiseg_cli.distributed import DistEnv
+from semiseg_cli.data.streams import fake_batch
+from semiseg_cli.engine.trainer import StepContext, load_method
 from semiseg_cli.methods import METHODS
 from semiseg_cli.methods.fixmatch import cutmix, mix_targets, unsup_ce
 from semiseg_cli.methods.prevmatch import POOL_DIR, PrevModelPool, guidance_weight
 from semiseg_cli.methods.s4mc import (BETA, S4MCState, masked_percentile, neighbour_agreement, refine,
                                       s4mc_filter)
 from semiseg_cli.models.deeplabv3plus import DeepLabV3Plus
-
-
-def fake_batch(n=2, size=32, k=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    batch = {}
-    for name in BATCH_KEYS:
-        for key in BATCH_KEYS[name]:
-            if key in ("y",):
-                batch[key] = torch.randint(0, k, (n, size, size), generator=g)
-            elif key.startswith("ign"):
-                ign = torch.zeros(n, size, size, dtype=torch.long)
-                ign[:, -4:] = 255  # padded bottom rows
-                batch[key] = ign
-            elif key.startswith("box"):
-                box = torch.zeros(n, size, size)
-                box[:, 4:20, 8:24] = 1
-                batch[key] = box
-            else:
-                batch[key] = torch.randn(n, 3, size, size, generator=g)
-    return batch
 
 
 def method_state(method, cfg, model, tmp_path):

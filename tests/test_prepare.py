@@ -11,10 +11,11 @@ import pytest
 from PIL import Image
 from scipy.io import savemat
 
-from semiseg_cli.data.prepare import make_camvid_splits, prepare, rle_counts_from_string, write_camvid_splits
+from semiseg_cli.data.prepare import coco_mask, make_camvid_splits, prepare, write_camvid_splits
 from semiseg_cli.data.splits import read_split
 from semiseg_cli.errors import UserError
 from semiseg_cli.resources import resource_dir
+from tests.conftest import run_cli
 
 
 def _listing(folder: Path) -> dict[str, tuple[int, int]]:
@@ -143,6 +144,10 @@ def test_voc_and_sbd_masks(shared_data, tmp_path):
 
 # ------------------------------------------------------------------------------------------ COCO
 
+# pycocotools' decode() under numpy 2 (its own code, harmless; hidden outside tests anyway)
+_pycocotools_warning = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+
+
 def _rle_counts(mask: np.ndarray) -> list[int]:
     """Column-major run lengths starting with a run of 0s, as COCO stores them."""
     flat = mask.flatten(order="F").astype(np.int8)
@@ -165,12 +170,21 @@ def _rle_string(counts: list[int]) -> str:
     return "".join(out)
 
 
-def test_rle_string_roundtrip():
-    assert rle_counts_from_string("32") == [3, 2]
-    counts = [10, 200, 30, 5, 7000, 1, 0, 64]  # includes negative deltas and multi-char numbers
-    assert rle_counts_from_string(_rle_string(counts)) == counts
+@_pycocotools_warning
+def test_rle_string_helper_matches_pycocotools():
+    """The fixtures' RLE strings are what pycocotools writes (they are built without it)."""
+    from pycocotools import mask as mask_utils
+
+    rng = np.random.default_rng(1)
+    blob = np.zeros((37, 53), bool)  # long runs (multi-char counts) and short ones (negative deltas)
+    blob[5:30, 10:45] = True
+    blob |= rng.random(blob.shape) < 0.05
+    counts = _rle_counts(blob)
+    assert _rle_string(counts) == mask_utils.encode(np.asfortranarray(blob.astype(np.uint8)))["counts"].decode()
+    assert np.array_equal(mask_utils.decode({"size": [37, 53], "counts": _rle_string(counts).encode()}), blob)
 
 
+@_pycocotools_warning
 def test_coco_instances_to_masks(shared_data, tmp_path):
     h, w = 30, 40  # not square: catches row/column-major mix-ups
     src = tmp_path / "src"
@@ -224,6 +238,108 @@ def test_coco_instances_to_masks(shared_data, tmp_path):
         assert text == "train2017/000000000001.jpg masks/000000000001.png\n"
     again = prepare("coco", src, root, allow_partial=True)
     assert again["written"] == 0
+
+
+COCO_H, COCO_W = 427, 640  # a common COCO image size, not square
+COCO_CAT_IDS = [i for i in range(1, 91) if i not in {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}]
+
+
+def _random_coco_anns(seed: int = 0, n: int = 50) -> list[dict]:
+    """`n` random instances on one COCO_H x COCO_W image, then a compressed-RLE object and an
+    uncompressed-RLE crowd. Polygons are star-shaped (mostly concave), every 4th object has 2-3 parts,
+    odd ones have float vertices (2 decimals, as in the COCO files), even ones integer vertices."""
+    from pycocotools import mask as mask_utils
+
+    rng = np.random.default_rng(seed)
+    h, w = COCO_H, COCO_W
+    anns = []
+    for i in range(n):
+        parts, area = [], 0.0
+        for _ in range(int(rng.integers(2, 4)) if i % 4 == 0 else 1):
+            k = int(rng.integers(3, 13))
+            angle = np.sort(rng.uniform(0, 2 * np.pi, k))
+            radius = rng.uniform(4, 120) * rng.uniform(0.3, 1.0, k)
+            x = np.clip(rng.uniform(0, w) + radius * np.cos(angle), 0, w)
+            y = np.clip(rng.uniform(0, h) + radius * np.sin(angle), 0, h)
+            x, y = (np.round(x, 2), np.round(y, 2)) if i % 2 else (np.round(x), np.round(y))
+            parts.append(np.stack([x, y], 1).ravel().tolist())
+            area += 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))  # shoelace
+        anns.append({"id": i + 1, "image_id": 1, "category_id": int(rng.choice(COCO_CAT_IDS)), "iscrowd": 0,
+                     "area": round(area, 2), "segmentation": parts})
+    anns[7]["area"] = anns[8]["area"]  # a tie: annotation order decides
+    yy, xx = np.mgrid[:h, :w]
+    blob = ((xx - 400) / 150.0) ** 2 + ((yy - 200) / 90.0) ** 2 < 1
+    anns.append({"id": n + 1, "image_id": 1, "category_id": 44, "iscrowd": 0, "area": float(blob.sum()),
+                 "segmentation": {"size": [h, w], "counts": mask_utils.encode(
+                     np.asfortranarray(blob.astype(np.uint8)))["counts"].decode()}})
+    crowd = (np.abs(xx - 150) < 120) & (np.abs(yy - 300) < 80)
+    anns.append({"id": n + 2, "image_id": 1, "category_id": 1, "iscrowd": 1, "area": float(crowd.sum()),
+                 "segmentation": {"size": [h, w], "counts": _rle_counts(crowd)}})
+    return anns
+
+
+def _coco_doc(anns: list[dict]) -> dict:
+    return {"images": [{"id": 1, "file_name": "000000000001.jpg", "height": COCO_H, "width": COCO_W}],
+            "annotations": anns, "categories": [{"id": c, "name": str(c)} for c in COCO_CAT_IDS]}
+
+
+def _pycocotools_mask(doc: dict) -> np.ndarray:
+    """Image 1's class mask from pycocotools' own COCO.annToMask, painted in coco_mask's documented
+    order (non-crowd by decreasing area, stable; crowd -> 255 where no non-crowd instance is)."""
+    from pycocotools.coco import COCO
+
+    coco = COCO()
+    coco.dataset = doc
+    coco.createIndex()
+    classes = {cid: i + 1 for i, cid in enumerate(sorted(coco.getCatIds()))}
+    img = coco.imgs[1]
+    mask = np.zeros((img["height"], img["width"]), np.uint8)
+    covered = np.zeros(mask.shape, bool)
+    crowd = np.zeros(mask.shape, bool)
+    for ann in sorted(coco.loadAnns(coco.getAnnIds(imgIds=[1])), key=lambda a: -a["area"]):
+        region = coco.annToMask(ann) == 1
+        if ann["iscrowd"]:
+            crowd |= region
+        else:
+            mask[region] = classes[ann["category_id"]]
+            covered |= region
+    mask[crowd & ~covered] = 255
+    return mask
+
+
+@_pycocotools_warning
+def test_coco_mask_matches_pycocotools_pixel_for_pixel():
+    anns = _random_coco_anns()
+    expected = _pycocotools_mask(_coco_doc(anns))
+    assert len(np.unique(expected)) > 20 and (expected == 255).any()  # many classes and crowd: not vacuous
+    classes = {cid: i + 1 for i, cid in enumerate(COCO_CAT_IDS)}
+    got = coco_mask(anns, COCO_H, COCO_W, classes)
+    assert got.dtype == np.uint8 and got.shape == (COCO_H, COCO_W)
+    assert np.array_equal(got, expected), f"{(got != expected).sum()} pixels differ"
+
+
+@_pycocotools_warning
+def test_prepare_data_coco_cli_writes_pycocotools_masks(tmp_path):
+    src, root = tmp_path / "src", tmp_path / "root"
+    (src / "val2017").mkdir(parents=True)
+    (src / "annotations").mkdir()
+    Image.new("RGB", (COCO_W, COCO_H), (90, 120, 60)).save(src / "val2017" / "000000000001.jpg")
+    doc = _coco_doc(_random_coco_anns(seed=3))
+    (src / "annotations" / "instances_val2017.json").write_text(json.dumps(doc))
+    proc = run_cli("prepare-data", "coco", "--src", src, "--root", root, "--allow-partial", check=0)
+    assert json.loads(proc.stdout)["written"] == 2  # the image link and the mask
+    written = Image.open(root / "masks" / "000000000001.png")
+    assert written.size == (COCO_W, COCO_H)
+    expected = _pycocotools_mask(doc)
+    assert np.array_equal(np.array(written), expected), f"{(np.array(written) != expected).sum()} pixels differ"
+
+    # an RLE whose size is not the image's is a one-line user error (exit 2) naming file and image
+    doc["annotations"][-1]["segmentation"]["size"] = [COCO_W, COCO_H]
+    (src / "annotations" / "instances_val2017.json").write_text(json.dumps(doc))
+    proc = run_cli("prepare-data", "coco", "--src", src, "--root", tmp_path / "root2", "--allow-partial", check=2)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "instances_val2017.json" in lines[0] and "000000000001.jpg" in lines[0]
+    assert f"RLE size {COCO_W}x{COCO_H} differs" in lines[0]
 
 
 # ------------------------------------------------------------------------------------- bad input

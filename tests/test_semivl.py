@@ -4,14 +4,15 @@ import torch
 import torch.nn.functional as F
 
 from semiseg_cli.config import load_config
-from semiseg_cli.engine.distributed import DistEnv
-from semiseg_cli.engine.trainer import StepContext, build_optimizer
+from semiseg_cli.distributed import DistEnv
+from semiseg_cli.engine.optim import build_optimizer
+from semiseg_cli.engine.trainer import StepContext
 from semiseg_cli.methods import semivl
 from semiseg_cli.models import build_model
 from semiseg_cli.models.semivl import embed_class_text, load_class_text
 from semiseg_cli.models.vlg_decoder import VLGDecoder
 from tests.conftest import run_cli
-from tests.test_methods import fake_batch
+from semiseg_cli.data.streams import fake_batch
 
 @pytest.mark.parametrize("k,size", [(21, (6, 10)), (150, (5, 7))])
 def test_decoder_output_is_stride_4_for_any_class_count_and_non_square_maps(k, size):

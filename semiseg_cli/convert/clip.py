@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from semiseg_cli.convert import check_and_report, unwrap_state_dict
+from semiseg_cli.convert.common import Converted, check_and_report, unwrap_state_dict
 from semiseg_cli.models.text_embeddings import TEXT_SUFFIX
 from semiseg_cli.errors import UserError
 
@@ -101,7 +101,7 @@ def _unwrap(obj, src: str) -> dict:
 
 
 def load_openai(src: str) -> dict:
-    from semiseg_cli.engine.checkpoint import load_file
+    from semiseg_cli.io import load_file
 
     path = Path(src)
     if not path.is_file():
@@ -132,7 +132,7 @@ def _load_safetensors(src: str) -> dict:
 
 def load_open_clip(src: str) -> tuple[dict, bool | None]:
     """(state dict, quick_gelu if the checkpoint says, else None) of an open_clip checkpoint."""
-    from semiseg_cli.engine.checkpoint import load_file
+    from semiseg_cli.io import load_file
 
     if str(src).endswith(".safetensors"):  # the open_clip files on the Hugging Face hub
         return _load_safetensors(src), None
@@ -150,7 +150,7 @@ def config_quick_gelu(model_name: str) -> bool:
     """Whether open_clip's model config `model_name` uses QuickGELU (e.g. ViT-B-16: no, ViT-B-16-quickgelu: yes)."""
     import open_clip
 
-    from semiseg_cli.data.datasets import did_you_mean
+    from semiseg_cli.errors import did_you_mean
 
     cfg = open_clip.get_model_config(model_name)
     if cfg is None:
@@ -177,14 +177,12 @@ def _text_part(text_src: dict, quick: bool, src: str) -> tuple[dict, list, dict]
     return {**text, "meta.quick_gelu": torch.tensor(int(quick))}, mapping, cfg
 
 
-def convert(fmt: str, src: str, backbone: str | None, model_name: str | None = None):
+def convert(fmt: str, src: str, backbone: str | None, model_name: str | None = None) -> Converted:
     from semiseg_cli.models.clip_vit import MaskClipViT
 
     if backbone:
         raise UserError(f"--backbone does not apply to {fmt}: the architecture is read from the file")
     if fmt == "openai-clip":
-        if model_name:
-            raise UserError("--model-name applies to open-clip only (OpenAI weights always use QuickGELU)")
         sd, quick = load_openai(src), True
     else:
         sd, quick = load_open_clip(src)
@@ -221,4 +219,4 @@ def convert(fmt: str, src: str, backbone: str | None, model_name: str | None = N
         text, text_mapping, _ = _text_part(rest, quick, src)
         mapping += text_mapping
         sidecars[TEXT_SUFFIX] = text
-    return converted, mapping, reasons, target, sidecars
+    return Converted(converted, mapping, target, reasons, sidecars)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import timm
 
-from semiseg_cli.convert import check_and_report, load_state_dict
+from semiseg_cli.convert.common import Converted, check_and_report, load_state_dict
 from semiseg_cli.errors import UserError
 
 STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
@@ -41,7 +41,7 @@ def rename(key: str) -> str | None:
     return None
 
 
-def convert(fmt: str, src: str, backbone: str | None):
+def convert(fmt: str, src: str, backbone: str | None, model_name: str | None = None) -> Converted:
     # the weights are TF-ported: with TF "same" padding (timm's tf_ variant) the ImageNet cat photo gets
     # 0.79 top-1 probability against 0.51 with symmetric padding, so tf_efficientnet_lite0 is the default
     target = backbone or "tf_efficientnet_lite0"
@@ -54,4 +54,4 @@ def convert(fmt: str, src: str, backbone: str | None):
         raise UserError(f"{src}: {len(unmapped)} keys have no EfficientNet-Lite name (e.g. {unmapped[0]}); "
                         "is this an EfficientNet-PyTorch lite0 file?")
     check_and_report(mapping, sd, converted, reference, f"timm {target}")
-    return converted, mapping, {}, target
+    return Converted(converted, mapping, target)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import timm
 
-from semiseg_cli.convert import check_and_report, load_state_dict
+from semiseg_cli.convert.common import Converted, check_and_report, load_state_dict
 from semiseg_cli.errors import UserError
 
 DEPTHS = {(2, 2, 2, 2): 18, (3, 4, 6, 3): 34, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}
@@ -41,7 +41,7 @@ def rename(fmt: str, key: str) -> str:
     return key
 
 
-def convert(fmt: str, src: str, backbone: str | None):
+def convert(fmt: str, src: str, backbone: str | None, model_name: str | None = None) -> Converted:
     source = load_state_dict(src)
     sd = {rename(fmt, k): v for k, v in source.items()}
     target = backbone or infer_backbone(sd)
@@ -60,4 +60,4 @@ def convert(fmt: str, src: str, backbone: str | None):
         if k not in converted and k in reference:
             converted[k] = reference[k]
     check_and_report(mapping, source, converted, reference, f"timm {target}")
-    return converted, mapping, reasons, target
+    return Converted(converted, mapping, target, reasons)

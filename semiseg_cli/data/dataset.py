@@ -1,17 +1,12 @@
-"""The segmentation dataset: one class for labeled, unlabeled and validation samples.
+"""The segmentation dataset: one class for every sample function (labeled, unlabeled, validation).
 
-Tensor legend (UniMatch's names, used throughout the project):
-    x     labeled image           y     its mask (255 = ignore)
-    u_w   weak view of an unlabeled image (geometric augmentation only)
-    u_s1, u_s2  two strong views (photometric augmentation on the same crop)
-    ign   ignore mask of the unlabeled crop (255 = padding)
-    box1, box2  CutMix boxes of the strong views
-    fp    feature-perturbed prediction (made in the model, not here)
+Tensor names: see the legend in semiseg_cli/data/streams.py.
 
-A sample is addressed by an int index or by an `(epoch, position)` key from the trainer's sampler, where
-position indexes the epoch's list (the items tiled to the epoch length) and reads item position % len.
-Its augmentation is drawn from a `random.Random` seeded by (seed, epoch, position), so it does not depend
-on the worker that loads it, and every copy of a tiled labeled image gets its own crop.
+A sample is addressed by an int index or by a key from the trainer's sampler: `(epoch, position)` (item
+position % len) or `(epoch, position, index)` (the item the stream's visiting rule chose, see
+`streams.stream_index`). Its augmentation is drawn from a `random.Random` seeded by (seed, epoch,
+position), so it does not depend on the worker that loads it, and every copy of a tiled labeled image
+gets its own crop.
 """
 from __future__ import annotations
 
@@ -27,8 +22,9 @@ from semiseg_cli.data import transforms as T
 from semiseg_cli.data.datasets import dataset_info
 from semiseg_cli.data.reader import load_image, load_mask
 from semiseg_cli.data.splits import read_split, split_path
+from semiseg_cli.data.streams import STREAMS
 
-MODES = ("train_l", "train_u", "val")
+DEFAULT_SAMPLE = {"labeled": "train_l", "unlabeled": "train_u", "val": "val"}
 
 
 class SegDataset(Dataset):
@@ -37,7 +33,8 @@ class SegDataset(Dataset):
     Args:
         root: dataset root; split paths are relative to it.
         items: (image, mask or None) pairs, root-relative.
-        mode: "train_l" -> (x, y); "train_u" -> (u_w, u_s1, u_s2, ign, box1, box2); "val" -> (x, y, index).
+        mode: the sample function (SAMPLES): "train_l" -> (x, y); "train_u" -> (u_w, u_s1, u_s2, ign, box1,
+            box2); "val" -> (x, y, index).
         num_classes: labels must be < num_classes or 255.
         crop_size: training crop (square).
         resize: "long" (UniMatch) or "short" (SemiVL/mmseg) training rescale.
@@ -50,7 +47,8 @@ class SegDataset(Dataset):
     def __init__(self, root, items, mode: str, num_classes: int, crop_size: int = 321, resize: str = "long",
                  scale_range=(0.5, 2.0), img_scale=(2048, 512), eval_resize_short: int | None = None,
                  reduce_zero_label: bool = False, seed: int = 0):
-        assert mode in MODES, mode
+        if mode not in SAMPLES:
+            raise ValueError(f"mode {mode!r} is not one of {list(SAMPLES)}")
         self.root, self.items, self.mode = Path(root), list(items), mode
         self.num_classes, self.crop_size, self.resize = num_classes, crop_size, resize
         self.scale_range, self.img_scale = tuple(scale_range), tuple(img_scale)
@@ -70,39 +68,68 @@ class SegDataset(Dataset):
         return img, Image.fromarray(mask)
 
     def __getitem__(self, key):
-        epoch, position = key if isinstance(key, tuple) else (0, key)
-        index = position % len(self.items)
+        if isinstance(key, tuple):
+            epoch, position, *index = key
+            index = index[0] if index else position % len(self.items)
+        else:
+            epoch, position, index = 0, key, key
         img, mask = self.load(index)
-        if self.mode == "val":
-            if self.eval_resize_short:
-                img = T.resize_short_exact(img, self.eval_resize_short)
-            return T.to_uint8_tensor(img), T.to_mask_tensor(mask), index
-
         rng = random.Random(f"{self.seed}-{epoch}-{position}")
+        return SAMPLES[self.mode](self, img, mask, rng, index)
+
+    def train_crop(self, img, mask, rng, pad: int):
+        """The geometric training augmentation: rescale (UniMatch's long side or SemiVL's short side),
+        pad with `pad` and crop to crop_size, random horizontal flip."""
         if self.resize == "short":
             img, mask = T.resize_short(img, mask, rng, self.img_scale, self.scale_range)
         else:
             img, mask = T.resize_long(img, mask, rng, self.scale_range)
-        pad = T.PAD_LABELED if self.mode == "train_l" else T.PAD_UNLABELED
         img, mask = T.crop(img, mask, self.crop_size, rng, pad)
-        img, mask = T.hflip(img, mask, rng)
-        if self.mode == "train_l":
-            return T.to_uint8_tensor(img), T.to_mask_tensor(mask)
-
-        ign = torch.from_numpy(np.where(np.asarray(mask) == T.PAD_UNLABELED, 255, 0).astype(np.int64))
-        u_s1, u_s2 = T.strong(img, rng), T.strong(img, rng)
-        box1, box2 = T.cutmix_box(self.crop_size, rng), T.cutmix_box(self.crop_size, rng)
-        return (T.to_uint8_tensor(img), T.to_uint8_tensor(u_s1), T.to_uint8_tensor(u_s2), ign, box1, box2)
+        return T.hflip(img, mask, rng)
 
 
-def build_dataset(cfg: dict, kind: str, mode: str | None = None) -> SegDataset:
-    """The dataset of split list `kind` ("labeled", "unlabeled" or "val") described by a resolved config."""
+def sample_labeled(ds: SegDataset, img, mask, rng, index):
+    """(x, y): the augmented labeled crop and its mask (padding 255)."""
+    img, mask = ds.train_crop(img, mask, rng, T.PAD_LABELED)
+    return T.to_uint8_tensor(img), T.to_mask_tensor(mask)
+
+
+def sample_unlabeled(ds: SegDataset, img, mask, rng, index):
+    """(u_w, u_s1, u_s2, ign, box1, box2): the weak crop, two strong views of it, its padding mask and two
+    CutMix boxes."""
+    img, mask = ds.train_crop(img, mask, rng, T.PAD_UNLABELED)
+    ign = torch.from_numpy(np.where(np.asarray(mask) == T.PAD_UNLABELED, 255, 0).astype(np.int64))
+    u_s1, u_s2 = T.strong(img, rng), T.strong(img, rng)
+    box1, box2 = T.cutmix_box(ds.crop_size, rng), T.cutmix_box(ds.crop_size, rng)
+    return T.to_uint8_tensor(img), T.to_uint8_tensor(u_s1), T.to_uint8_tensor(u_s2), ign, box1, box2
+
+
+def sample_val(ds: SegDataset, img, mask, rng, index):
+    """(x, y, index): the whole image (short side resized for SemiVL) and its full-size mask."""
+    if ds.eval_resize_short:
+        img = T.resize_short_exact(img, ds.eval_resize_short)
+    return T.to_uint8_tensor(img), T.to_mask_tensor(mask), index
+
+
+# sample function of each mode (the tensor kinds they return: data/streams.py SAMPLE_KINDS)
+SAMPLES = {"train_l": sample_labeled, "train_u": sample_unlabeled, "val": sample_val}
+
+
+def build_dataset(cfg: dict, split: str, sample: str | None = None, seed_offset: int = 0) -> SegDataset:
+    """The dataset of split list `split` ("labeled", "unlabeled" or "val") described by a resolved config,
+    making samples with `sample` (default: the list's own: train_l, train_u, val)."""
     ds, tr = cfg["dataset"], cfg["train"]
-    mode = mode or {"labeled": "train_l", "unlabeled": "train_u", "val": "val"}[kind]
-    path = split_path(ds["name"], ds["split"], kind, ds["root"])
-    items = read_split(path, need_masks=kind != "unlabeled")
+    path = split_path(ds["name"], ds["split"], split, ds["root"])
+    items = read_split(path, need_masks=split != "unlabeled")
     return SegDataset(
-        ds["root"], items, mode, ds["num_classes"], crop_size=tr["crop_size"], resize=tr["resize"],
-        scale_range=tr["scale_range"], img_scale=tr["img_scale"], eval_resize_short=cfg["eval"]["resize_short"],
-        reduce_zero_label=dataset_info(ds["name"])["reduce_zero_label"], seed=tr["seed"],
+        ds["root"], items, sample or DEFAULT_SAMPLE[split], ds["num_classes"], crop_size=tr["crop_size"],
+        resize=tr["resize"], scale_range=tr["scale_range"], img_scale=tr["img_scale"],
+        eval_resize_short=cfg["eval"]["resize_short"], reduce_zero_label=dataset_info(ds["name"])["reduce_zero_label"],
+        seed=tr["seed"] + seed_offset,
     )
+
+
+def build_stream(cfg: dict, name: str) -> SegDataset:
+    """The dataset of training stream `name` (data/streams.py STREAMS)."""
+    stream = STREAMS[name]
+    return build_dataset(cfg, stream.list, stream.sample, stream.seed_offset)

@@ -13,14 +13,13 @@ Keys of an entry:
 """
 from __future__ import annotations
 
-import difflib
 import os
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from semiseg_cli.errors import UserError
+from semiseg_cli.errors import UserError, did_you_mean
 
 IGNORE_INDEX = 255
 
@@ -60,12 +59,6 @@ DATASETS: dict[str, dict] = {
     "folder": {"classes": None, "palette": "voc", "reduce_zero_label": False,
                "layout": "images/*, masks/*.png, classes.txt (one class name per line), splits/<split>/*.txt"},
 }
-
-
-def did_you_mean(word: str, options) -> str:
-    """Return ' (did you mean X?)' for the closest option, or '' if nothing is close."""
-    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def dataset_info(name: str) -> dict:

@@ -38,7 +38,6 @@ renamed, so a killed run leaves no half-written file, and a second run skips the
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import cv2
@@ -48,6 +47,7 @@ from semiseg_cli.console import progress
 from semiseg_cli.data.datasets import SYNTHETIC_CLASSES
 from semiseg_cli.data.splits import write_split
 from semiseg_cli.errors import UserError
+from semiseg_cli.io import save_index_png, write_atomic
 
 VERSION = 1
 SIZE = 128
@@ -242,15 +242,12 @@ def render(seed: int, index: int) -> tuple[np.ndarray, np.ndarray]:
 
 # --------------------------------------------------------------------------------------------- files
 
-def _write_png(path: Path, array: np.ndarray) -> None:
-    """Encode `array` (RGB or single-channel) as PNG at `path` atomically (temp file + os.replace)."""
-    data = array[..., ::-1] if array.ndim == 3 else array          # cv2 wants BGR
-    ok, buf = cv2.imencode(".png", np.ascontiguousarray(data))
+def _write_rgb_png(path: Path, rgb: np.ndarray) -> None:
+    """Encode an RGB image as PNG at `path` atomically."""
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]))  # cv2 wants BGR
     if not ok:
         raise OSError(f"cannot encode {path}")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(buf.tobytes())
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: f.write(buf.tobytes()))
 
 
 def _claim(root: Path, seed: int) -> None:
@@ -293,8 +290,8 @@ def generate(root: str | Path, seed: int = 0) -> tuple[int, int]:
             skipped += 1
             continue
         rgb, labels = render(seed, i)
-        _write_png(mask, labels)
-        _write_png(image, rgb)          # the image last: its presence with the mask marks a complete sample
+        save_index_png(labels, mask)
+        _write_rgb_png(image, rgb)         # the image last: its presence with the mask marks a complete sample
         written += 1
 
     pairs = [(f"images/{n}", f"masks/{n}") for n in names]

@@ -15,8 +15,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from semiseg_cli.data.datasets import IGNORE_INDEX
 from semiseg_cli.data.transforms import normalize
-from semiseg_cli.engine.distributed import DistEnv, all_reduce_sum
+from semiseg_cli.distributed import DistEnv, all_reduce_sum
 
 
 def _slide_mmseg(model, x, num_classes, crop, stride):
@@ -83,7 +84,7 @@ def predict(model, x: torch.Tensor, cfg: dict, out_size: tuple[int, int] | None 
     return scores
 
 
-def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """[K, K] counts (rows = target, cols = prediction) of pixels whose target is not ignored."""
     valid = target != ignore_index
     idx = target[valid].long() * num_classes + pred[valid].long()

@@ -14,10 +14,11 @@ import torch
 from PIL import Image
 
 from semiseg_cli.console import err, progress
-from semiseg_cli.data.datasets import palette
+from semiseg_cli.data.datasets import IGNORE_INDEX, palette
 from semiseg_cli.data.reader import load_image
 from semiseg_cli.data.transforms import normalize, resize_short_exact, to_uint8_tensor
 from semiseg_cli.errors import UserError
+from semiseg_cli.io import save_index_png, write_atomic
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -61,22 +62,14 @@ def overlay(image: np.ndarray, mask: np.ndarray, pal: np.ndarray, alpha: float =
     """Blend the colour mask into the image (ignore pixels keep the image)."""
     colour = pal[mask].astype(np.float32)
     blend = image.astype(np.float32) * (1 - alpha) + colour * alpha
-    return np.where((mask == 255)[..., None], image, blend.round()).astype(np.uint8)
-
-
-def save_index_png(mask: np.ndarray, pal: np.ndarray, path: Path) -> None:
-    im = Image.fromarray(mask.astype(np.uint8), mode="P")
-    im.putpalette(pal.reshape(-1).tolist())
-    tmp = path.with_name(f".{path.name}.tmp")
-    im.save(tmp, format="PNG")
-    tmp.replace(path)
+    return np.where((mask == IGNORE_INDEX)[..., None], image, blend.round()).astype(np.uint8)
 
 
 @torch.no_grad()
 def infer(model, cfg: dict, images: str | Path, out: str | Path, device: torch.device, crf: bool = False,
           with_overlay: bool = False, batch_size: int = 4, workers: int = 2) -> dict:
     """Predict every image of `images` into `out`. Returns {"written": n, "failed": [lines]}."""
-    from semiseg_cli.engine.crf import dense_crf
+    from semiseg_cli.crf import dense_crf
     from semiseg_cli.engine.evaluate import predict
 
     files = list_images(images)
@@ -103,9 +96,10 @@ def infer(model, cfg: dict, images: str | Path, out: str | Path, device: torch.d
                 s = dense_crf(image, s, c["iters"], c["gauss_sxy"], c["gauss_compat"], c["bilateral_sxy"],
                               c["bilateral_srgb"], c["bilateral_compat"])
             mask = s.argmax(0).astype(np.uint8)
-            save_index_png(mask, pal, out / f"{files[i].stem}.png")
+            save_index_png(mask, out / f"{files[i].stem}.png", pal)
             if with_overlay:
-                Image.fromarray(overlay(image, mask, pal)).save(out / "overlay" / f"{files[i].stem}.png")
+                picture = Image.fromarray(overlay(image, mask, pal))
+                write_atomic(out / "overlay" / f"{files[i].stem}.png", lambda f: picture.save(f, format="PNG"))
             written += 1
         pending.clear()
 

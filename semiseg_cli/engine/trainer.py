@@ -1,11 +1,8 @@
 """The one training loop, shared by every method.
 
-A method module (semiseg_cli/methods/<name>.py) provides `LOADERS` (which batches it needs) and
-`train_step(model, batch, ctx) -> (loss, logs)`; this loop owns data, optimizer, LR schedule, AMP, DDP,
-evaluation, checkpoints and logging. A method that keeps state across steps also provides
-`make_state(cfg, model, out, env)`; train_step reads the object it returns as `ctx.state`. The object may
-have `state_dict()` / `load_state_dict()` (saved in and restored from the checkpoint) and
-`after_eval(model, improved, iteration)` (called after each evaluation, before the checkpoint is written).
+A method module (semiseg_cli/methods/<name>.py, contract in methods/__init__.py) names its data streams in
+`LOADERS` (data/streams.py) and provides `train_step(model, batch, ctx) -> (loss, logs)`; this loop owns
+data, optimizer, LR schedule (engine/optim.py), AMP, DDP, evaluation, checkpoints and logging.
 
 Launch:
     1 process (CPU or 1 GPU):  semiseg train --recipe unimatch-voc-92
@@ -32,22 +29,19 @@ from torch import nn
 from semiseg_cli import __version__
 from semiseg_cli.config import dump
 from semiseg_cli.console import err, progress
-from semiseg_cli.data.dataset import build_dataset
+from semiseg_cli.data.dataset import build_dataset, build_stream
+from semiseg_cli.data.streams import STREAMS, epoch_stream, key_kinds, stream_index
 from semiseg_cli.data.transforms import normalize
-from semiseg_cli.engine.checkpoint import load_checkpoint, save_atomic
-from semiseg_cli.engine.distributed import DistEnv, barrier, cleanup, init_distributed
+from semiseg_cli.distributed import DistEnv, barrier, cleanup, init_distributed
+from semiseg_cli.engine.checkpoint import load_checkpoint
 from semiseg_cli.engine.evaluate import autocast_for, evaluate
+from semiseg_cli.engine.optim import build_optimizer, lr_at, set_lr
 from semiseg_cli.errors import UserError
+from semiseg_cli.io import save_atomic, write_text_atomic
 from semiseg_cli.methods import METHODS
 from semiseg_cli.models import build_model
 
-# names of the tensors each loader yields, in order (legend in semiseg_cli/data/dataset.py)
-BATCH_KEYS = {
-    "labeled": ("x", "y"),
-    "unlabeled": ("u_w", "u_s1", "u_s2", "ign", "box1", "box2"),
-    "unlabeled_mix": ("u_w_mix", "u_s1_mix", "u_s2_mix", "ign_mix", "box1_mix", "box2_mix"),
-}
-IMAGE_KEYS = {"x", "u_w", "u_s1", "u_s2", "u_w_mix", "u_s1_mix", "u_s2_mix"}
+__all__ = ["train", "StepContext", "RunSampler", "build_optimizer", "load_method"]
 
 
 @dataclass
@@ -58,6 +52,7 @@ class StepContext:
     total: int
     env: DistEnv
     state: object = None  # what the method's optional make_state() built (PrevMatch's pool, S4MC's E_c)
+    epoch: int = 0
 
 
 def load_method(name: str):
@@ -76,12 +71,9 @@ def epoch_keys(length: int, seed: int, epoch: int, rank: int, world: int) -> lis
     positions, padded by wrapping so it divides by world, then every world-th from `rank`
     (DistributedSampler's rule).
 
-    A position indexes the epoch's list, which is the dataset tiled to `length` when it is shorter (as
-    UniMatch tiles the labeled list to the unlabeled length); SegDataset reads item position % len and
-    seeds the augmentation with the position, so the ~N_u/N_l copies of a labeled image in one epoch get
-    different crops, as UniMatch's fresh random draws do. (Seeding with the item index gave all copies
-    the same crop: the SSL methods then saw each labeled image in one augmentation per epoch, 15x fewer
-    than supervised training on 64 of 1016 synthetic images, and overfitted them.)"""
+    Each stream maps a position to its item (data/streams.py); SegDataset seeds the augmentation with the
+    position, so the copies of a tiled labeled image in one epoch get different crops, as UniMatch's fresh
+    random draws do (tests/test_data.py shows why that matters)."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(length, generator=g).tolist()
     order += order[: (-length) % world]
@@ -89,17 +81,23 @@ def epoch_keys(length: int, seed: int, epoch: int, rank: int, world: int) -> lis
 
 
 class RunSampler(torch.utils.data.Sampler):
-    """The keys of iterations [start, total) of one process, epoch after epoch, as one stream.
+    """The keys (epoch, position, index) of iterations [start, total) of one process for one stream, epoch
+    after epoch, as one stream of keys.
 
     Each epoch contributes exactly iters_per_epoch x batch keys (drop_last), so batch i of the stream is
     iteration start + i. One DataLoader then serves the whole run (its workers start once, which matters
     when an epoch is a handful of iterations), and a resumed run continues mid-epoch at the same key.
+    Positions come from `epoch_keys` (shared by all streams of a run); `index` is the item the stream's
+    visiting rule picks among its `items` (data/streams.py `stream_index`); without `items` the keys are
+    (epoch, position) and the dataset tiles (position % its length).
     """
 
     def __init__(self, epoch_len: int, seed: int, env: DistEnv, batch: int, iters_per_epoch: int,
-                 start: int, total: int):
+                 start: int, total: int, items: int | None = None, stream_seed: int | None = None):
         self.epoch_len, self.seed = epoch_len, seed
         self.env, self.batch, self.ipe, self.start, self.total = env, batch, iters_per_epoch, start, total
+        self.items = items
+        self.stream_seed = seed if stream_seed is None else stream_seed
 
     def __len__(self) -> int:
         return (self.total - self.start) * self.batch
@@ -110,28 +108,10 @@ class RunSampler(torch.utils.data.Sampler):
             epoch, offset = divmod(it, self.ipe)
             n = min(self.ipe - offset, self.total - it)
             keys = epoch_keys(self.epoch_len, self.seed, epoch, self.env.rank, self.env.world)
-            yield from keys[offset * self.batch:(offset + n) * self.batch]
+            for e, p in keys[offset * self.batch:(offset + n) * self.batch]:
+                yield (e, p) if self.items is None else (e, p, stream_index(e, p, self.epoch_len, self.items,
+                                                                               self.stream_seed))
             it += n
-
-
-def build_optimizer(cfg: dict, model: nn.Module) -> torch.optim.Optimizer:
-    """One parameter group per top-level child module, with LR = optim.lr x optim.lr_mult[child]
-    (default 1). Frozen parameters are left out."""
-    o = cfg["optim"]
-    groups = []
-    for name, child in model.named_children():
-        params = [p for p in child.parameters() if p.requires_grad]
-        if params:
-            mult = o["lr_mult"].get(name, 1.0)
-            groups.append({"params": params, "name": name, "lr": o["lr"] * mult, "lr_mult": mult})
-    if o["name"] == "adamw":
-        return torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
-    return torch.optim.SGD(groups, lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"])
-
-
-def poly_lr(cfg: dict, it: int, total: int) -> float:
-    """lr_t = lr (1 - t/T)^power; step 0 uses the base LR (UniMatch sets the LR of step t from t)."""
-    return cfg["optim"]["lr"] * (1 - it / total) ** cfg["optim"]["poly_power"]
 
 
 def git_sha() -> str | None:
@@ -164,15 +144,35 @@ def _set_rng_state(state: dict) -> None:
 
 
 class RunLog:
-    """log.jsonl + TensorBoard, written by rank 0 only."""
+    """log.jsonl + TensorBoard, written by rank 0 only, and the running means of the logged values.
+
+    Each value is averaged over the steps that reported it (PrevMatch's loss_prev exists only once its pool
+    holds a model), not over all steps of the window."""
 
     def __init__(self, out: Path, enabled: bool):
         self.enabled = enabled
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.steps, self.t0 = 0, time.time()
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
             self.file = open(out / "log.jsonl", "a")
             self.tb = SummaryWriter(str(out / "tb"))
+
+    def add(self, values: dict) -> None:
+        """Accumulate one step's values (device tensors: no host sync until `means`)."""
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0) + v.float()
+            self.counts[k] = self.counts.get(k, 0) + 1
+        self.steps += 1
+
+    def means(self) -> dict:
+        """The window's means and speed; starts a new window."""
+        rec = {k: round(float(v) / self.counts[k], 5) for k, v in self.sums.items()}
+        rec["it_per_s"] = round(self.steps / (time.time() - self.t0), 3)
+        self.sums, self.counts, self.steps, self.t0 = {}, {}, 0, time.time()
+        return rec
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -206,12 +206,35 @@ def train(cfg: dict, out: str | Path, resume: bool = False) -> dict:
     out = Path(out)
     env = init_distributed()
     try:
-        return _train(cfg, out, resume, env)
+        return _loop(_setup(cfg, out, resume, env))
     finally:
         cleanup()
 
 
-def _train(cfg: dict, out: Path, resume: bool, env: DistEnv) -> dict:
+@dataclass
+class Run:
+    """Everything the loop needs, built by `_setup`."""
+    cfg: dict
+    out: Path
+    env: DistEnv
+    method: object
+    model: nn.Module          # the bare model (checkpoints, evaluation)
+    net: nn.Module            # what train_step calls: the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    state: object             # the method's make_state() result, or None
+    val: object
+    loaders: list
+    start: int
+    best: float
+    total: int
+    iters_per_epoch: int
+    eval_every: int
+    saved_iter: int = 0       # the iteration of the last checkpoint written
+
+
+def _setup(cfg: dict, out: Path, resume: bool, env: DistEnv) -> Run:
+    """Run folder, model, streams, optimizer and method state; restored from out/last.pt with `resume`."""
     if env.is_main:
         prepare_run_dir(out, resume)
     barrier()
@@ -222,13 +245,9 @@ def _train(cfg: dict, out: Path, resume: bool, env: DistEnv) -> dict:
     _seed(tr["seed"] + env.rank)
     model = build_model(cfg).to(env.device)  # before the datasets: a wrong weights file fails fast
 
-    datasets = {"val": build_dataset(cfg, "val")}
-    for name in method.LOADERS:
-        kind = "labeled" if name == "labeled" else "unlabeled"
-        datasets[name] = build_dataset(cfg, kind)
-        if name == "unlabeled_mix":  # same images and order, independent augmentation (UniMatch)
-            datasets[name].seed += 1
-    epoch_len = len(datasets["unlabeled"] if "unlabeled" in datasets else datasets["labeled"])
+    val = build_dataset(cfg, "val")
+    streams = {name: build_stream(cfg, name) for name in method.LOADERS}
+    epoch_len = len(streams[epoch_stream(method.LOADERS)])
     iters_per_epoch = math.ceil(epoch_len / env.world) // per_gpu
     if iters_per_epoch == 0:
         raise UserError(f"the split has {epoch_len} training images, fewer than one batch of {per_gpu} per process")
@@ -243,110 +262,127 @@ def _train(cfg: dict, out: Path, resume: bool, env: DistEnv) -> dict:
     optimizer = build_optimizer(cfg, model)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and tr["amp"] == "fp16")
     start, best = 0, -1.0
-    method_state = method.make_state(cfg, model, out, env) if hasattr(method, "make_state") else None
+    state = method.make_state(cfg, model, out, env) if hasattr(method, "make_state") else None
     if ckpt:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         start, best = ckpt["iteration"], ckpt["best_miou"]
-        if hasattr(method_state, "load_state_dict") and ckpt.get("method_state") is not None:
-            method_state.load_state_dict(ckpt["method_state"])
+        if hasattr(state, "load_state_dict") and ckpt.get("method_state") is not None:
+            state.load_state_dict(ckpt["method_state"])
         _set_rng_state(ckpt["rng"][env.rank] if env.rank < len(ckpt["rng"]) else ckpt["rng"][0])
     net = model
     if env.world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if cuda else None,
                                                   broadcast_buffers=False)
+    loaders = [torch.utils.data.DataLoader(
+        ds, batch_size=per_gpu, num_workers=tr["workers"], pin_memory=cuda, generator=torch.Generator(),
+        sampler=RunSampler(epoch_len, tr["seed"], env, per_gpu, iters_per_epoch, start, total, items=len(ds),
+                           stream_seed=ds.seed)) for ds in streams.values()]
 
     if env.is_main:
         run_info = {"version": __version__, "git_sha": git_sha(), "world_size": env.world, "per_gpu_batch": per_gpu,
                     "global_batch": tr["global_batch"], "total_iters": total, "iters_per_epoch": iters_per_epoch,
                     "device": str(env.device)}
-        (out / "config.yaml").write_text(dump({**cfg, "_run": run_info}))
+        write_text_atomic(out / "config.yaml", dump({**cfg, "_run": run_info}))
         err.print(f"training {cfg['method']} on {cfg['dataset']['name']}/{cfg['dataset']['split']}: {total} iterations "
                   f"({iters_per_epoch}/epoch), {env.world} process(es) x batch {per_gpu}, device {env.device}"
                   + (f", resuming at {start}" if start else ""))
-    log = RunLog(out, env.is_main)
+    return Run(cfg, out, env, method, model, net, optimizer, scaler, state, val, loaders, start, best, total,
+               iters_per_epoch, eval_every)
+
+
+def _loop(run: Run) -> dict:
+    """Iterations start..total: LR, forward under autocast, backward, step, log, periodic eval + checkpoint."""
+    cfg, env, tr = run.cfg, run.env, run.cfg["train"]
+    kinds = key_kinds(run.method.LOADERS)
+    channels_last = env.device.type == "cuda" and tr["channels_last"]
+    log = RunLog(run.out, env.is_main)
     amp = autocast_for(cfg, env)
     result: dict = {}
-    sums: dict[str, torch.Tensor] = {}
-    n_logged, nonfinite, t0, it = 0, torch.zeros((), dtype=torch.bool, device=env.device), time.time(), start
+    nonfinite = torch.zeros((), dtype=torch.bool, device=env.device)
+    run.saved_iter = it = run.start
 
-    def check_finite(weights: bool = False):
-        # the loss flag is accumulated on the device (no sync per step); before a checkpoint the weights
-        # are checked too, since a finite loss can still produce an update that overflows
-        if weights:
-            tensors = [t for t in model.state_dict().values() if t.is_floating_point()]  # BN statistics too
-            nonfinite.logical_or_(~torch.stack([t.isfinite().all() for t in tensors]).all())
-        if bool(nonfinite):
-            good = f"{out / 'last.pt'} (iteration {saved_iter})" if saved_iter else "none yet"
-            raise UserError(f"the loss became non-finite before iteration {it}; stopped. Last good checkpoint: {good}. "
-                            "Try a lower optim.lr or train.amp=bf16")
-
-    saved_iter = start
-    loaders = [torch.utils.data.DataLoader(
-        datasets[name], batch_size=per_gpu, num_workers=tr["workers"], pin_memory=cuda, generator=torch.Generator(),
-        sampler=RunSampler(epoch_len, tr["seed"], env, per_gpu, iters_per_epoch, start, total))
-        for name in method.LOADERS]
-    batches = zip(*loaders)
+    batches = zip(*run.loaders)
     if err.is_terminal:  # a live bar on a terminal; the log lines below are printed above it
-        batches = progress(batches, total=total - start, desc="train")
+        batches = progress(batches, total=run.total - run.start, desc="train")
     for parts in batches:
-        epoch = it // iters_per_epoch
-        batch = {}
-        for name, tensors in zip(method.LOADERS, parts):
-            for key, t in zip(BATCH_KEYS[name], tensors):
-                t = t.to(env.device, non_blocking=True)
-                if key in IMAGE_KEYS:
-                    t = normalize(t)
-                    t = t.contiguous(memory_format=torch.channels_last) if cuda and tr["channels_last"] else t
-                batch[key] = t
-        lr = poly_lr(cfg, it, total)
-        for g in optimizer.param_groups:
-            g["lr"] = lr * g["lr_mult"]
+        epoch = it // run.iters_per_epoch
+        batch = _to_device(parts, run.method.LOADERS, kinds, env.device, channels_last)
+        lr = lr_at(cfg, it, run.total, run.iters_per_epoch)
+        set_lr(run.optimizer, lr)
         with amp:
-            loss, logs = method.train_step(net, batch, StepContext(cfg, it, total, env, method_state))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        nonfinite |= ~torch.isfinite(loss.detach())
-        for k, v in {"loss": loss.detach(), **logs}.items():
-            sums[k] = sums.get(k, 0) + v.float()
-        n_logged += 1
+            loss, logs = run.method.train_step(run.net, batch, StepContext(cfg, it, run.total, env, run.state, epoch))
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        nonfinite |= ~torch.isfinite(loss.detach())  # accumulated on the device: no sync per step
+        log.add({"loss": loss.detach(), **logs})
         it += 1
 
-        if it % tr["log_every"] == 0 or it == total:
-            check_finite()
-            rec = {"iter": it, "epoch": epoch, "lr": lr, **{k: round(float(v) / n_logged, 5) for k, v in sums.items()},
-                   "it_per_s": round(n_logged / (time.time() - t0), 3)}
+        if it % tr["log_every"] == 0 or it == run.total:
+            _check_finite(run, nonfinite, it)
+            rec = {"iter": it, "epoch": epoch, "lr": lr, **log.means()}
             log.write(rec)
             if env.is_main:
                 err.print(" ".join(f"{k} {v}" for k, v in rec.items()), markup=False)
-            sums, n_logged, t0 = {}, 0, time.time()
-        if it % eval_every == 0 or it == total:
-            check_finite(weights=True)
-            result = evaluate(net.module if env.world > 1 else model, cfg, datasets["val"], env,
-                              workers=min(tr["workers"], 2))
-            rng = _gather_rng(env)
-            improved = result["miou"] > best  # the metrics are all-reduced: every process agrees
-            best = max(best, result["miou"])
-            if hasattr(method_state, "after_eval"):
-                method_state.after_eval(model, improved, it)
-            if env.is_main:
-                log.write({"iter": it, "epoch": epoch, "miou": result["miou"], "best_miou": best,
-                           "miou_paper": result["miou_paper"], "pixel_acc": result["pixel_acc"]})
-                err.print(f"eval @ {it}: mIoU {result['miou']:.2f} (best {best:.2f})")
-                checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "iteration": it, "best_miou": best, "rng": rng,
-                         "method_state": method_state.state_dict() if hasattr(method_state, "state_dict") else None,
-                         "config": cfg, "version": __version__}
-                save_atomic(checkpoint, out / "last.pt")
-                if improved:
-                    save_atomic(checkpoint, out / "best.pt")
-                (out / "eval.json").write_text(json.dumps({**result, "iter": it, "best_miou": best}, indent=2))
-            saved_iter = it
-            barrier()
+        if it % run.eval_every == 0 or it == run.total:
+            _check_finite(run, nonfinite, it, weights=True)
+            result = _evaluate_and_save(run, log, it, epoch)
     log.close()
+    return result
+
+
+def _to_device(parts, names, kinds: dict, device: torch.device, channels_last: bool) -> dict:
+    """The loaders' tensors as one batch dict named by the streams' keys; images ImageNet-normalised on
+    the device (they leave the workers as uint8)."""
+    batch = {}
+    for name, tensors in zip(names, parts):
+        for key, t in zip(STREAMS[name].keys, tensors):
+            t = t.to(device, non_blocking=True)
+            if kinds[key] == "image":
+                t = normalize(t)
+                t = t.contiguous(memory_format=torch.channels_last) if channels_last else t
+            batch[key] = t
+    return batch
+
+
+def _check_finite(run: Run, nonfinite: torch.Tensor, it: int, weights: bool = False) -> None:
+    """Stop on a non-finite loss; before a checkpoint the weights are checked too, since a finite loss can
+    still produce an update that overflows."""
+    if weights:
+        tensors = [t for t in run.model.state_dict().values() if t.is_floating_point()]  # BN statistics too
+        nonfinite.logical_or_(~torch.stack([t.isfinite().all() for t in tensors]).all())
+    if bool(nonfinite):
+        good = f"{run.out / 'last.pt'} (iteration {run.saved_iter})" if run.saved_iter else "none yet"
+        raise UserError(f"the loss became non-finite before iteration {it}; stopped. Last good checkpoint: {good}. "
+                        "Try a lower optim.lr or train.amp=bf16")
+
+
+def _evaluate_and_save(run: Run, log: RunLog, it: int, epoch: int) -> dict:
+    """Evaluate, let the method react (PrevMatch's pool), write last.pt (and best.pt when improved)."""
+    env = run.env
+    result = evaluate(run.model, run.cfg, run.val, env, workers=min(run.cfg["train"]["workers"], 2))
+    rng = _gather_rng(env)
+    improved = result["miou"] > run.best  # the metrics are all-reduced: every process agrees
+    run.best = max(run.best, result["miou"])
+    if hasattr(run.state, "after_eval"):
+        run.state.after_eval(run.model, improved, it)
+    if env.is_main:
+        log.write({"iter": it, "epoch": epoch, "miou": result["miou"], "best_miou": run.best,
+                   "miou_paper": result["miou_paper"], "pixel_acc": result["pixel_acc"]})
+        err.print(f"eval @ {it}: mIoU {result['miou']:.2f} (best {run.best:.2f})")
+        checkpoint = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                      "scaler": run.scaler.state_dict(), "iteration": it, "best_miou": run.best, "rng": rng,
+                      "method_state": run.state.state_dict() if hasattr(run.state, "state_dict") else None,
+                      "config": run.cfg, "version": __version__}
+        save_atomic(checkpoint, run.out / "last.pt")
+        if improved:
+            save_atomic(checkpoint, run.out / "best.pt")
+        write_text_atomic(run.out / "eval.json", json.dumps({**result, "iter": it, "best_miou": run.best}, indent=2))
+    run.saved_iter = it
+    barrier()
     return result
 
 

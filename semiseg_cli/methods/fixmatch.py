@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from semiseg_cli.methods.losses import labeled_loss
+from semiseg_cli.methods.losses import IGNORE, labeled_loss
 
 LOADERS = ("labeled", "unlabeled", "unlabeled_mix")
 
@@ -56,14 +56,14 @@ def unsup_ce(logits, label, keep, ign) -> torch.Tensor:
     """UniMatch's unlabeled loss: CE on kept pixels (confidence >= tau) that are not padding, summed and
     divided by the number of non-padded pixels (not by the kept ones). `keep` may also be a float weight."""
     loss = F.cross_entropy(logits, label, reduction="none")
-    valid = ign != 255
+    valid = ign != IGNORE
     return (loss * keep * valid).sum() / valid.sum().clamp(min=1)
 
 
 def kept_ratio(keep, ign) -> torch.Tensor:
     """Fraction of pixels whose pseudo-label is learned from (logged as mask_ratio; the mean weight when
     `keep` is a float weight)."""
-    return (keep * (ign != 255)).float().mean()
+    return (keep * (ign != IGNORE)).float().mean()
 
 
 def train_step(model, batch: dict, ctx, select=threshold_filter) -> tuple:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from semiseg_cli.engine.checkpoint import load_file, save_atomic
+from semiseg_cli.io import load_file, save_atomic
 from semiseg_cli.methods import unimatch
 from semiseg_cli.methods.fixmatch import mix_targets, pseudo_label, unsup_ce
 

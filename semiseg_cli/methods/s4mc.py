@@ -39,6 +39,7 @@ from semiseg_cli.console import err
 from semiseg_cli.data.dataset import build_dataset
 from semiseg_cli.data.datasets import dataset_info
 from semiseg_cli.methods import fixmatch, unimatch
+from semiseg_cli.methods.losses import IGNORE
 
 LOADERS = ("labeled", "unlabeled", "unlabeled_mix")
 BETA = math.exp(-0.5)
@@ -87,7 +88,7 @@ def alpha(ctx) -> float:
 def s4mc_filter(logits: torch.Tensor, ign: torch.Tensor, ctx) -> tuple[torch.Tensor, torch.Tensor]:
     """(argmax label, keep = refined margin > alpha_t-th percentile of the unrefined margin)."""
     prob = logits.detach().float().softmax(1)
-    gamma = masked_percentile(margin(prob), ign != 255, alpha(ctx))
+    gamma = masked_percentile(margin(prob), ign != IGNORE, alpha(ctx))
     refined = refine(prob, ctx.state.expectation, ctx.cfg["ssl"]["s4mc_neighbourhood"])
     return prob.argmax(1), margin(refined) > gamma
 

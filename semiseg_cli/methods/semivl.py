@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from semiseg_cli.errors import UserError
 from semiseg_cli.methods.fixmatch import cutmix, pseudo_label
+from semiseg_cli.methods.losses import IGNORE
 from semiseg_cli.methods.unimatch import LOADERS, logs, streams, unlabeled_sum  # noqa: F401 (LOADERS: the trainer's)
 
 
@@ -83,7 +84,7 @@ def make_state(cfg: dict, model, out, env) -> Guidance:
 
 def guidance_ce(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """CE on the guidance labels (255 ignored), summed and divided by all pixels ("mean_all")."""
-    return F.cross_entropy(logits, label, ignore_index=255, reduction="sum") / label.numel()
+    return F.cross_entropy(logits, label, ignore_index=IGNORE, reduction="sum") / label.numel()
 
 
 def guidance_weight(cfg: dict, it: int, total: int) -> float:
@@ -100,7 +101,7 @@ def confidence_weights(logits, ign, ctx) -> tuple[torch.Tensor, torch.Tensor]:
 def pixelavg_ce(logits, label, conf, ign) -> torch.Tensor:
     """Per image: CE over its valid pixels weighted by the image's mean confidence over those pixels;
     summed over the batch and divided by the number of valid pixels."""
-    valid = (ign != 255).float()
+    valid = (ign != IGNORE).float()
     mean_conf = (conf * valid).flatten(1).sum(1) / valid.flatten(1).sum(1).clamp(min=1)
     loss = F.cross_entropy(logits, label, reduction="none") * valid * mean_conf.view(-1, 1, 1)
     return loss.sum() / valid.sum().clamp(min=1)
@@ -120,4 +121,4 @@ def train_step(model, batch: dict, ctx) -> tuple:
                             guidance_ce(s["pred_u_w_fp"], m))
     lam = guidance_weight(ctx.cfg, ctx.iteration, ctx.total)
     loss = (s["loss_x"] + unlabeled_sum(s["loss_s1"], s["loss_s2"], s["loss_fp"])) / 2 + lam * loss_mc
-    return loss, {**logs(s), "loss_mc": loss_mc.detach(), "mc_ratio": (m != 255).float().mean()}
+    return loss, {**logs(s), "loss_mc": loss_mc.detach(), "mc_ratio": (m != IGNORE).float().mean()}

@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from semiseg_cli.data.datasets import did_you_mean
-from semiseg_cli.errors import UserError
+from semiseg_cli.errors import UserError, did_you_mean
+from semiseg_cli.io import key_mismatches
 
 
 def build_deeplabv3plus(cfg: dict) -> nn.Module:
@@ -31,8 +31,14 @@ def build_semivl(cfg: dict) -> nn.Module:
     return build_semivl(cfg)
 
 
+def build_smp(cfg: dict) -> nn.Module:
+    from semiseg_cli.models.smp import build_smp
+
+    return build_smp(cfg)
+
+
 # model.name -> builder: the model with model.weights loaded
-MODELS = {"deeplabv3plus": build_deeplabv3plus, "semivl": build_semivl}
+MODELS = {"deeplabv3plus": build_deeplabv3plus, "semivl": build_semivl, "smp": build_smp}
 
 # backbone -> the convert-weights command that makes its weights file (DST is filled in)
 CONVERT_HINT = {
@@ -61,7 +67,7 @@ def build_model(cfg: dict) -> nn.Module:
 def read_weights_file(path: str | Path, hint: str, key: str = "model.weights") -> dict:
     """The state dict of tensors in a converted weights file (config key `key`); a missing or foreign file
     is a UserError that says how to make it (`hint`)."""
-    from semiseg_cli.engine.checkpoint import load_file
+    from semiseg_cli.io import load_file
 
     if not Path(path).is_file():
         raise UserError(f"{path}: {key} file not found; make it with `{hint}`")
@@ -78,9 +84,7 @@ def load_backbone_weights(model: nn.Module, path: str | Path, hint: str, part: s
     have) are ignored."""
     state = read_weights_file(path, hint, key)
     own = getattr(model, part).state_dict()
-    missing = sorted(set(own) - set(state))
-    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
-    if missing or wrong:
-        detail = f"{len(missing)} backbone keys missing (e.g. {missing[:1]}), {len(wrong)} of another shape (e.g. {wrong[:1]})"
-        raise UserError(f"{path}: does not fit this model.{part} ({detail}); make the file with `{hint}`")
+    problems = key_mismatches(own, state, extra_allowed=True)
+    if problems:
+        raise UserError(f"{path}: does not fit this model.{part} ({', '.join(problems)}); make the file with `{hint}`")
     getattr(model, part).load_state_dict({k: state[k] for k in own})

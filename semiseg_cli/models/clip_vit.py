@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from semiseg_cli.errors import UserError
+from semiseg_cli.io import key_mismatches
 
 # A parameter is trained by SemiVL's spatial fine-tuning iff its name contains one of these.
 TRAINABLE_KEYS = ("attn", "pos_embed")
@@ -231,14 +232,9 @@ class MaskClipViT(nn.Module):
             if old[0] * old[1] + 1 != pos.shape[1]:
                 raise UserError(f"{where}pos_embed has {pos.shape[1]} entries, not 1 + {old[0]}x{old[1]}")
             state["pos_embed"] = resize_pos_embed(pos.float(), old, self.grid)
-        own = self.state_dict()
-        missing = sorted(set(own) - set(state))
-        extra = sorted(set(state) - set(own))
-        wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-        if missing or extra or wrong:
-            parts = [f"{len(v)} {label} (e.g. {v[0]})" for label, v in
-                     (("missing keys", missing), ("unknown keys", extra), ("shape mismatches", wrong)) if v]
-            raise UserError(f"{where}does not fit MaskClipViT: {', '.join(parts)}")
+        problems = key_mismatches(self.state_dict(), state)
+        if problems:
+            raise UserError(f"{where}does not fit MaskClipViT: {', '.join(problems)}")
         self.load_state_dict(state, assign=assign)
 
     @classmethod
@@ -248,7 +244,7 @@ class MaskClipViT(nn.Module):
         `kwargs` (img_size, act, ln_eps, out_indices) are passed to the constructor; width, layers, heads,
         patch and embed_dim come from the file's `meta.*` entries.
         """
-        from semiseg_cli.engine.checkpoint import load_file
+        from semiseg_cli.io import load_file
 
         state = load_file(path)
         if not isinstance(state, dict) or "meta.width" not in state:

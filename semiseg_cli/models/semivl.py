@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semiseg_cli.data.datasets import class_names, did_you_mean
-from semiseg_cli.errors import UserError
+from semiseg_cli.data.datasets import class_names
+from semiseg_cli.errors import UserError, did_you_mean
 from semiseg_cli.models.clip_vit import MaskClipViT, freeze_for_spatial_finetuning
 from semiseg_cli.models.vlg_decoder import VLGDecoder
 

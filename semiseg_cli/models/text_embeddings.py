@@ -76,7 +76,7 @@ def build_text_tower(cfg: dict, quick_gelu: bool):
 
 def load_text_tower(sidecar: Path, device: str | torch.device = "cpu"):
     """The text tower of a sidecar file, in eval mode; (tower, context_length)."""
-    from semiseg_cli.engine.checkpoint import load_file
+    from semiseg_cli.io import load_file
 
     state = load_file(sidecar)
     if not isinstance(state, dict) or "meta.quick_gelu" not in state:
@@ -111,7 +111,7 @@ def _prompt(template: str, name: str) -> str:
 
 def _cached(weights_path: str | Path, key: dict, compute) -> dict:
     from semiseg_cli.console import err
-    from semiseg_cli.engine.checkpoint import load_file, save_atomic
+    from semiseg_cli.io import load_file, save_atomic
 
     sidecar = text_sidecar(weights_path)
     if not sidecar.is_file():
