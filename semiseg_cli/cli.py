@@ -92,7 +92,7 @@ def prepare_data(
     allow_partial: bool = typer.Option(False, "--allow-partial", help="Accept a source that lacks some images of the split lists."),
 ):
     """Convert downloaded datasets into semiseg's layout, or generate the synthetic dataset."""
-    from semiseg_cli.data.datasets import default_root
+    from semiseg_cli.data.facts import default_root
     from semiseg_cli.data.prepare import prepare
 
     summary = prepare(dataset, src, root or default_root(dataset), allow_partial=allow_partial)
@@ -148,8 +148,7 @@ def _model_from_checkpoint(run: Optional[Path], checkpoint: Optional[Path], reci
         checkpoint = run / "best.pt" if (run / "best.pt").is_file() else run / "last.pt"
     ckpt = load_checkpoint(checkpoint)
     cfg = load_config(recipe, sets or [], base=ckpt["config"])
-    cfg["model"]["weights"] = cfg["model"]["conv_encoder_weights"] = None  # the checkpoint holds every weight
-    model = build_model(cfg)
+    model = build_model(cfg, load_weights=False)  # the checkpoint holds every weight
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:

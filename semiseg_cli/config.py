@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from semiseg_cli.data.datasets import DATASETS, class_names, default_root
+from semiseg_cli.data.facts import DATASETS, class_names, default_root
 from semiseg_cli.errors import did_you_mean
 from semiseg_cli.errors import UserError
 from semiseg_cli.resources import resource_dir

@@ -27,7 +27,7 @@ def test_voc_samples_are_read_as_index_masks(shared_data):
         assert present - {0, 255} == VOC_SAMPLE_CLASSES[n]
         # the index PNG agrees with the shipped colour target through the VOC palette
         target = np.array(Image.open(root / f"{n}_target.png").convert("RGB"))
-        from semiseg_cli.data.datasets import palette
+        from semiseg_cli.data.facts import palette
         assert np.array_equal(palette("voc")[y.numpy()], target)
 
 

@@ -189,7 +189,7 @@ def test_semivl_trains_on_converted_clip_weights_with_text_from_their_text_tower
     encode_text of "a photo of a {class}" from the same file, and the guidance encoder is that ViT."""
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
-    from semiseg_cli.data.datasets import class_names
+    from semiseg_cli.data.facts import class_names
     from semiseg_cli.models.clip_vit import MaskClipViT
     from semiseg_cli.models.text_embeddings import text_embeddings
     from tests.conftest import TINY

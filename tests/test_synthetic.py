@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from semiseg_cli.data import synthetic
-from semiseg_cli.data.datasets import SYNTHETIC_CLASSES
+from semiseg_cli.data.facts import SYNTHETIC_CLASSES
 from semiseg_cli.data.reader import load_image, load_mask
 from semiseg_cli.data.splits import read_split, split_path
 from semiseg_cli.errors import UserError

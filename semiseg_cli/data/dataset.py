@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from semiseg_cli.data import transforms as T
-from semiseg_cli.data.datasets import dataset_info
+from semiseg_cli.data.facts import IGNORE_INDEX, dataset_info
 from semiseg_cli.data.reader import load_image, load_mask
 from semiseg_cli.data.splits import read_split, split_path
 from semiseg_cli.data.streams import STREAMS
@@ -98,7 +98,7 @@ def sample_unlabeled(ds: SegDataset, img, mask, rng, index):
     """(u_w, u_s1, u_s2, ign, box1, box2): the weak crop, two strong views of it, its padding mask and two
     CutMix boxes."""
     img, mask = ds.train_crop(img, mask, rng, T.PAD_UNLABELED)
-    ign = torch.from_numpy(np.where(np.asarray(mask) == T.PAD_UNLABELED, 255, 0).astype(np.int64))
+    ign = torch.from_numpy(np.where(np.asarray(mask) == T.PAD_UNLABELED, IGNORE_INDEX, 0).astype(np.int64))
     u_s1, u_s2 = T.strong(img, rng), T.strong(img, rng)
     box1, box2 = T.cutmix_box(ds.crop_size, rng), T.cutmix_box(ds.crop_size, rng)
     return T.to_uint8_tensor(img), T.to_uint8_tensor(u_s1), T.to_uint8_tensor(u_s2), ign, box1, box2

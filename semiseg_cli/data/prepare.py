@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from semiseg_cli.console import progress
-from semiseg_cli.data.datasets import IGNORE_INDEX, voc_palette
+from semiseg_cli.data.facts import IGNORE_INDEX, voc_palette
 from semiseg_cli.data.splits import read_split, write_split
 from semiseg_cli.errors import UserError, did_you_mean
 from semiseg_cli.io import save_index_png, temp_path
@@ -217,7 +217,7 @@ def _segmentation_mask(seg, h: int, w: int) -> np.ndarray:
     """One COCO `segmentation` (polygons, uncompressed or compressed RLE) -> bool [h, w], column-major.
 
     Rasterised by pycocotools exactly as its COCO.annToRLE/annToMask do, so the masks match the ones
-    the papers trained and evaluated on (cv2.fillPoly on rounded vertices differs on 3-7% of object pixels).
+    the papers trained and evaluated on (cv2.fillPoly on rounded vertices differs from them: tests/test_prepare.py).
     """
     from pycocotools import mask as mask_utils  # lazy: only COCO needs it
 
@@ -252,7 +252,7 @@ def coco_mask(anns: list[dict], h: int, w: int, classes: dict[int, int]) -> np.n
     become 255 (ignore) only where no non-crowd instance was painted.
     """
     # pycocotools decodes column-major arrays: painting into transposed [w, h] buffers keeps every step
-    # contiguous (mixing the orders made this 2x slower)
+    # contiguous (mixing the orders costs a copy per instance)
     mask = np.zeros((w, h), np.uint8)
     covered = np.zeros((w, h), bool)
     crowd = np.zeros((w, h), bool)

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from semiseg_cli.data.datasets import IGNORE_INDEX
+from semiseg_cli.data.facts import IGNORE_INDEX
 from semiseg_cli.errors import UserError
 
 

@@ -19,10 +19,6 @@ from semiseg_cli.resources import resource_dir
 KINDS = ("labeled", "unlabeled", "val")
 
 
-def _relative(name: str) -> str:
-    return "val.txt" if name == "val" else f"{name}.txt"
-
-
 def split_path(dataset: str, split: str, kind: str, root: str | Path) -> Path:
     """Path of the `kind` list ("labeled", "unlabeled" or "val") of `dataset`/`split`.
 

@@ -22,9 +22,7 @@ Design:
       the shapes stay unambiguous, so pseudo-labels on unlabeled images are worth learning from.
     * Counts (defaults): 16 labeled + 1000 unlabeled training images, 200 validation images. Alternative
       splits `splits/<k>/` (k = 4, 64) hold the first k training images as labeled, the rest unlabeled.
-    * Measured in this project (efficientnet-lite0 DeepLabV3+, crop 96, batch 8): 64 labeled -> val mIoU
-      46.2 after 600 iterations, 55.9 after 1,200 (seed 0), 59.4 after 3,000 (3 seeds); 78 % of the
-      pixels are background.
+    * How methods fare on it at several budgets is measured in README.md (Benchmarks).
 
 Layout under `root`:
     images/<NNNNN>.png   RGB
@@ -44,7 +42,7 @@ import cv2
 import numpy as np
 
 from semiseg_cli.console import progress
-from semiseg_cli.data.datasets import SYNTHETIC_CLASSES
+from semiseg_cli.data.facts import SYNTHETIC_CLASSES
 from semiseg_cli.data.splits import write_split
 from semiseg_cli.errors import UserError
 from semiseg_cli.io import save_index_png, write_atomic

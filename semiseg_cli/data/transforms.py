@@ -121,7 +121,7 @@ def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
     """PIL RGB -> uint8 [3, H, W] (normalisation happens on the device, see `normalize`).
 
     The transpose is done by numpy: torch's parallel copy wakes its thread pool for every sample, which
-    made the main-process pipeline 3.5x slower on 2 busy cores."""
+    slows the main-process pipeline badly on a few busy cores (benchmarks/data_pipeline.py)."""
     return torch.from_numpy(np.ascontiguousarray(np.asarray(img, np.uint8).transpose(2, 0, 1)))
 
 

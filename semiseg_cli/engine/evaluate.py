@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from semiseg_cli.data.datasets import IGNORE_INDEX
+from semiseg_cli.data.facts import IGNORE_INDEX
 from semiseg_cli.data.transforms import normalize
 from semiseg_cli.distributed import DistEnv, all_reduce_sum
 
@@ -117,7 +117,7 @@ def metrics(conf: torch.Tensor, class_names: list[str]) -> dict:
 def evaluate(model, cfg: dict, dataset, env: DistEnv, workers: int = 2, progress=None) -> dict:
     """Evaluate on `dataset` (mode "val"): each process takes every world-th image (no padding, so no
     image counts twice), confusion matrices are summed across processes."""
-    from semiseg_cli.data.datasets import class_names
+    from semiseg_cli.data.facts import class_names
 
     was_training = model.training
     model.eval()

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from semiseg_cli.console import err, progress
-from semiseg_cli.data.datasets import IGNORE_INDEX, palette
+from semiseg_cli.data.facts import IGNORE_INDEX, palette
 from semiseg_cli.data.reader import load_image
 from semiseg_cli.data.transforms import normalize, resize_short_exact, to_uint8_tensor
 from semiseg_cli.errors import UserError

@@ -144,7 +144,8 @@ def _set_rng_state(state: dict) -> None:
 
 
 class RunLog:
-    """log.jsonl + TensorBoard, written by rank 0 only, and the running means of the logged values.
+    """log.jsonl + TensorBoard (when the `tensorboard` package is installed: `pip install semiseg[tensorboard]`),
+    written by rank 0 only, and the running means of the logged values.
 
     Each value is averaged over the steps that reported it (PrevMatch's loss_prev exists only once its pool
     holds a model), not over all steps of the window."""
@@ -154,11 +155,15 @@ class RunLog:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self.steps, self.t0 = 0, time.time()
+        self.tb = None
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
             self.file = open(out / "log.jsonl", "a")
-            self.tb = SummaryWriter(str(out / "tb"))
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # torch's writer needs the tensorboard package
+                err.print("note: no TensorBoard events (pip install tensorboard); log.jsonl has every value")
+            else:
+                self.tb = SummaryWriter(str(out / "tb"))
 
     def add(self, values: dict) -> None:
         """Accumulate one step's values (device tensors: no host sync until `means`)."""
@@ -180,13 +185,14 @@ class RunLog:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         for k, v in record.items():
-            if isinstance(v, (int, float)) and k != "iter":
+            if self.tb is not None and isinstance(v, (int, float)) and k != "iter":
                 self.tb.add_scalar(k, v, record["iter"])
 
     def close(self) -> None:
         if self.enabled:
             self.file.close()
-            self.tb.close()
+            if self.tb is not None:
+                self.tb.close()
 
 
 def prepare_run_dir(out: Path, resume: bool) -> None:
@@ -244,6 +250,9 @@ def _setup(cfg: dict, out: Path, resume: bool, env: DistEnv) -> Run:
     per_gpu = per_process_batch(tr["global_batch"], env.world)
     _seed(tr["seed"] + env.rank)
     model = build_model(cfg).to(env.device)  # before the datasets: a wrong weights file fails fast
+    if not any(p.requires_grad for p in model.parameters()):
+        raise UserError(f"model.name={cfg['model']['name']} has no trainable parameters (a training-free model); "
+                        "nothing to train")
 
     val = build_dataset(cfg, "val")
     streams = {name: build_stream(cfg, name) for name in method.LOADERS}

@@ -4,7 +4,7 @@ stream and with one strong view): L = (L_x + L_s) / 2.
 Pseudo-labels come from the weak view in the same train-mode forward; the strong view is CutMixed with a
 second unlabeled batch whose pseudo-labels come from an eval-mode, no-grad forward. The pieces here
 (`cutmix`, `pseudo_label`, `threshold_filter`, `mix_targets`, `unsup_ce`) are reused by UniMatch and the
-methods built on it. Tensor names follow the legend in semiseg_cli/data/dataset.py.
+methods built on it. Tensor names follow the legend in semiseg_cli/data/streams.py.
 
 Which pseudo-labelled pixels are learned from is a filter `select(logits, ign, ctx) -> (label, keep)`:
 `threshold_filter` (softmax confidence >= ssl.conf_thresh) by default; S4MC passes its own.

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from semiseg_cli.data.datasets import IGNORE_INDEX as IGNORE
+from semiseg_cli.data.facts import IGNORE_INDEX as IGNORE
 
 
 def ohem_ce(logits: torch.Tensor, target: torch.Tensor, thresh: float = 0.7, min_kept: int = 200000) -> torch.Tensor:

@@ -8,7 +8,7 @@ Refinement (per class c, pixel x, its neighbours N(x) at distance 1, zero outsid
     p~_c(x) = p_c(x) + b q_c(x) - b max(p_c(x) q_c(x), p_c(x) E_c),    b = e^-1/2
 
 E_c is the probability that a neighbour of a class-c pixel is also class c (the official tables for Pascal
-and Cityscapes are data facts in semiseg_cli/data/datasets.py; other datasets estimate it from their
+and Cityscapes are data facts in semiseg_cli/data/facts.py; other datasets estimate it from their
 labeled masks at the start of training). p~ is not renormalised.
 
 Filter: margin = top1 - top2. gamma_t = the alpha_t-th percentile of the UNREFINED margin over the batch's
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from semiseg_cli.console import err
 from semiseg_cli.data.dataset import build_dataset
-from semiseg_cli.data.datasets import dataset_info
+from semiseg_cli.data.facts import dataset_info
 from semiseg_cli.methods import fixmatch, unimatch
 from semiseg_cli.methods.losses import IGNORE
 

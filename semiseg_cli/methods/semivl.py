@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from semiseg_cli.errors import UserError
 from semiseg_cli.methods.fixmatch import cutmix, pseudo_label
 from semiseg_cli.methods.losses import IGNORE
+from semiseg_cli.models import maskclip
 from semiseg_cli.methods.unimatch import LOADERS, logs, streams, unlabeled_sum  # noqa: F401 (LOADERS: the trainer's)
 
 
@@ -65,15 +66,8 @@ class Guidance:
     @torch.no_grad()
     def labels(self, images: torch.Tensor, ign: torch.Tensor, conf_thresh: float) -> torch.Tensor:
         """MaskCLIP pseudo-labels [B, H, W] (255 = not confident or padding)."""
-        dense = self.encoder(self.renorm(images))["dense"].float()            # [B, E, h, w], L2-normalised
-        sim = torch.einsum("bchw,nc->bnhw", dense, self.text)
-        if sim.shape[1] != self.num_classes:                                 # definitions: max per class
-            index = self.owner.view(1, -1, 1, 1).expand_as(sim)
-            sim = sim.new_full((sim.shape[0], self.num_classes, *sim.shape[2:]), -2.0).scatter_reduce(
-                1, index, sim, "amax")
-        sim = F.interpolate(sim, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        conf, label = (100 * sim).softmax(1).max(1)                          # CLIP's logit scale
-        return label.masked_fill((conf < conf_thresh) | (ign == 255), 255)
+        logits = maskclip.dense_logits(self.encoder, self.text, self.owner, self.num_classes, self.renorm(images))
+        return maskclip.labels(logits, conf_thresh, ign)
 
 
 def make_state(cfg: dict, model, out, env) -> Guidance:

@@ -1,6 +1,23 @@
-"""Model builders, looked up by `model.name`."""
+"""Model builders, looked up by `model.name` in `MODELS`.
+
+The model contract (what the trainer, the methods, `eval`, `infer` and `gen-pseudo` rely on):
+- Input: float images [B, 3, H, W] of any size, ImageNet-normalised (data/transforms.py `normalize`); a
+  model that wants another normalisation converts inside (CLIP's: `clip_vit.clip_renorm`).
+- Output: class logits [B, K, H, W] at the input size. A trainable model used by the SSL methods also
+  takes `need_fp=True` and returns (clean logits, feature-perturbed logits), both from one forward, the
+  perturbation (UniMatch's Dropout2d(0.5) on the decoder's input features) applied to a copy only.
+- Trainable parameters live in top-level children whose names are `optim.lr_mult` keys (`backbone`,
+  `head`; SemiVL adds `conv_encoder`): the optimiser makes one LR group per child (engine/optim.py).
+  A training-free model (MaskCLIP) has no trainable parameter and refuses `need_fp`.
+- Always call `model(...)`, never a submodule, inside train_step: under DDP only the wrapper's forward
+  synchronises gradients (a two-view forward goes through `model(x, x2)`).
+- Fixed tensors a prediction needs (class text embeddings) are buffers, so a checkpoint is self-contained.
+- The builder loads `model.weights` (a `semiseg convert-weights` file); `build_model(cfg, load_weights=False)`
+  builds the same architecture to receive a checkpoint's state dict.
+"""
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import torch
@@ -25,20 +42,22 @@ def build_deeplabv3plus(cfg: dict) -> nn.Module:
     return model
 
 
-def build_semivl(cfg: dict) -> nn.Module:
-    from semiseg_cli.models.semivl import build_semivl
-
-    return build_semivl(cfg)
-
-
-def build_smp(cfg: dict) -> nn.Module:
-    from semiseg_cli.models.smp import build_smp
-
-    return build_smp(cfg)
+def _lazy(module: str, builder: str):
+    """A builder imported on first use (`semiseg --help` and config checks stay fast)."""
+    def build(cfg: dict) -> nn.Module:
+        return getattr(importlib.import_module(module), builder)(cfg)
+    return build
 
 
 # model.name -> builder: the model with model.weights loaded
-MODELS = {"deeplabv3plus": build_deeplabv3plus, "semivl": build_semivl, "smp": build_smp}
+MODELS = {
+    "deeplabv3plus": build_deeplabv3plus,
+    "semivl": _lazy("semiseg_cli.models.semivl", "build_semivl"),
+    "smp": _lazy("semiseg_cli.models.smp", "build_smp"),
+    "maskclip": _lazy("semiseg_cli.models.maskclip", "build_maskclip"),
+}
+# config keys of weight files a builder reads (cleared by build_model(load_weights=False))
+WEIGHT_KEYS = ("weights", "conv_encoder_weights")
 
 # backbone -> the convert-weights command that makes its weights file (DST is filled in)
 CONVERT_HINT = {
@@ -56,11 +75,14 @@ def convert_hint(backbone: str, dst: str) -> str:
     return CONVERT_HINT.get(backbone, default).format(dst=dst)
 
 
-def build_model(cfg: dict) -> nn.Module:
-    """Build `cfg.model.name` and load `cfg.model.weights` (a file made by `semiseg convert-weights`)."""
+def build_model(cfg: dict, load_weights: bool = True) -> nn.Module:
+    """Build `cfg.model.name` and, with `load_weights`, load `cfg.model.weights` (a file made by
+    `semiseg convert-weights`); without, the architecture only (a checkpoint's weights go in next)."""
     name = cfg["model"]["name"]
     if name not in MODELS:
         raise UserError(f"unknown model.name {name!r}{did_you_mean(name, MODELS)}; choose one of: {', '.join(MODELS)}")
+    if not load_weights:
+        cfg = {**cfg, "model": {**cfg["model"], **{k: None for k in WEIGHT_KEYS}}}
     return MODELS[name](cfg)
 
 

@@ -37,9 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from semiseg_cli.data.transforms import MEAN as IMAGENET_MEAN
+from semiseg_cli.data.transforms import STD as IMAGENET_STD
 from semiseg_cli.errors import UserError
 from semiseg_cli.io import key_mismatches
 
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 # A parameter is trained by SemiVL's spatial fine-tuning iff its name contains one of these.
 TRAINABLE_KEYS = ("attn", "pos_embed")
 # Architecture entries a converted file stores as int tensors under `meta.<name>` (see convert/clip.py).
@@ -258,6 +261,14 @@ class MaskClipViT(nn.Module):
         except UserError as e:
             raise UserError(f"{path}: {e}; make it with `semiseg convert-weights openai-clip ViT-B-16.pt {path}`") from None
         return model
+
+
+def clip_renorm(x: torch.Tensor) -> torch.Tensor:
+    """ImageNet-normalised -> CLIP-normalised image (SemiVL's `renorm_clip_img`; CLIP was trained on its
+    own mean/std)."""
+    def col(v):
+        return torch.tensor(v, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * col(IMAGENET_STD) + col(IMAGENET_MEAN) - col(CLIP_MEAN)) / col(CLIP_STD)
 
 
 def is_trainable(name: str) -> bool:

@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semiseg_cli.data.datasets import class_names
+from semiseg_cli.data.facts import class_names
 from semiseg_cli.errors import UserError, did_you_mean
-from semiseg_cli.models.clip_vit import MaskClipViT, freeze_for_spatial_finetuning
+from semiseg_cli.models.clip_vit import MaskClipViT, clip_renorm, freeze_for_spatial_finetuning
+from semiseg_cli.models.prompts import SEMIVL as SEMIVL_TEMPLATE
 from semiseg_cli.models.vlg_decoder import VLGDecoder
 
 # model.backbone -> MaskClipViT architecture (a converted weights file must have the same one)
@@ -35,9 +36,6 @@ VIT_ARCHS: dict[str, dict] = {
 # model.backbone -> the blocks whose value-path features are the decoder's (shallow, deep) skips
 SKIP_BLOCKS: dict[str, tuple[int, int]] = {"clip-vit-b16": (0, 4), "clip-vit-tiny": (0, 1)}
 CLASS_NAMES_DIR = Path(__file__).resolve().parents[1] / "data" / "class_names"
-TEMPLATE = "a photo of a {}"  # SemiVL's single prompt (no period, no ensembling)
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def load_class_text(name: str | None, cfg: dict) -> list:
@@ -63,7 +61,7 @@ def embed_class_text(cfg: dict, names: list, average: bool, seed: int) -> tuple[
     if cfg["model"]["weights"]:
         from semiseg_cli.models.text_embeddings import concept_embeddings
 
-        return concept_embeddings(cfg["model"]["weights"], names, TEMPLATE, average=average)
+        return concept_embeddings(cfg["model"]["weights"], names, SEMIVL_TEMPLATE, average=average)
     owner = torch.arange(len(names)) if average else torch.tensor(
         [k for k, n in enumerate(names) for _ in (n if isinstance(n, list) else [n])])
     dim = VIT_ARCHS[cfg["model"]["backbone"]]["embed_dim"]
@@ -139,13 +137,6 @@ class SemiVLModel(nn.Module):
         logits = self.head(feats[0], feats[1:], self.text)
         logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
         return logits.chunk(2) if need_fp else logits
-
-
-def clip_renorm(x: torch.Tensor) -> torch.Tensor:
-    """ImageNet-normalised -> CLIP-normalised image (SemiVL's `renorm_clip_img`)."""
-    def col(v):
-        return torch.tensor(v, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x * col(IMAGENET_STD) + col(IMAGENET_MEAN) - col(CLIP_MEAN)) / col(CLIP_STD)
 
 
 def build_semivl(cfg: dict) -> SemiVLModel:

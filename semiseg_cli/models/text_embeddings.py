@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 
 from semiseg_cli.errors import UserError
+from semiseg_cli.models.prompts import SEMIVL as TEMPLATE
 
 TEXT_SUFFIX = ".text.pt"
 CACHE_SUFFIX = ".text-cache"
-TEMPLATE = "a photo of a {}"
 # keys of open_clip's (OpenAI-layout) text tower, besides transformer.resblocks.*
 TEXT_TOP_KEYS = ("token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias", "text_projection")
 
