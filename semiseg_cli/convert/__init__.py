@@ -21,13 +21,15 @@ FORMATS: dict[str, str] = {
     "efficientnet-lite0": "semiseg_cli.convert.efficientnet_lite",
     "openai-clip": "semiseg_cli.convert.clip",
     "open-clip": "semiseg_cli.convert.clip",
+    "unimatch-checkpoint": "semiseg_cli.convert.unimatch_checkpoint",
 }
-# formats whose architecture comes from an open_clip model config (--model-name)
-TAKES_MODEL_NAME = {"open-clip"}
+# options -> the formats that take them (--model-name: the open_clip config giving the activation;
+# --recipe: the recipe a trained checkpoint was trained with)
+OPTIONS = {"model_name": {"open-clip"}, "recipe": {"unimatch-checkpoint"}}
 
 
 def convert(fmt: str, src: str, dst: str | Path, backbone: str | None = None, quiet: bool = False,
-            model_name: str | None = None) -> dict:
+            model_name: str | None = None, recipe: str | None = None, sets=()) -> dict:
     """Convert `src` (format `fmt`) for the model `backbone` (default: inferred) and save it to `dst`.
 
     Returns {"format", "backbone", "keys", "dst"} (+ "sidecars": the paths written, if any).
@@ -42,15 +44,25 @@ def convert(fmt: str, src: str, dst: str | Path, backbone: str | None = None, qu
 
     if fmt not in FORMATS:
         raise unknown_name("format", fmt, FORMATS)
-    if model_name is not None and fmt not in TAKES_MODEL_NAME:
-        raise UserError(f"--model-name does not apply to the {fmt} format (only to {', '.join(sorted(TAKES_MODEL_NAME))})")
+    options = {"model_name": model_name, "recipe": recipe}
+    for name, value in options.items():
+        if value is not None and fmt not in OPTIONS[name]:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} does not apply to the {fmt} format (only to {', '.join(sorted(OPTIONS[name]))})")
     module = importlib.import_module(FORMATS[fmt])
-    result = module.convert(fmt, src, backbone, model_name)
+    result = module.convert(fmt, src, backbone, **{k: v for k, v in options.items() if fmt in OPTIONS[k]},
+                            **({"sets": list(sets)} if fmt in OPTIONS["recipe"] else {}))
     if not quiet:
         print_mapping(result.mapping, result.reasons)
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    save_atomic(result.state, dst)
+    if result.config is not None:
+        from semiseg_cli import __version__
+
+        save_atomic({"model": result.state, "config": result.config, "version": __version__, "converted_from": str(src)},
+                    dst)
+    else:
+        save_atomic(result.state, dst)
     written = []
     for suffix, state in result.sidecars.items():
         path = dst.with_name(dst.stem + suffix)

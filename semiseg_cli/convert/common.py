@@ -20,13 +20,16 @@ class Converted:
     state: the converted state dict; mapping: (source key, target key or None = dropped) pairs;
     reasons: why each dropped key was dropped; target: the model it fits (for the summary line);
     sidecars: suffix -> state dict written beside DST as `<DST stem><suffix>` (None: remove a stale one),
-    e.g. the CLIP text tower `<DST stem>.text.pt`.
+    e.g. the CLIP text tower `<DST stem>.text.pt`;
+    config: a resolved config: DST is then a semiseg checkpoint {"model": state, "config": config} that
+    `eval`, `infer` and `gen-pseudo` take (a trained model), not a weights file.
     """
     state: dict
     mapping: list
     target: str
     reasons: dict = field(default_factory=dict)
     sidecars: dict = field(default_factory=dict)
+    config: dict | None = None
 
 
 def check_and_report(mapping: list[tuple[str, str | None]], source: dict, converted: dict, reference: dict,

@@ -41,7 +41,7 @@ def rename(key: str) -> str | None:
     return None
 
 
-def convert(fmt: str, src: str, backbone: str | None, model_name: str | None = None) -> Converted:
+def convert(fmt: str, src: str, backbone: str | None) -> Converted:
     # the weights are TF-ported: with TF "same" padding (timm's tf_ variant) the ImageNet cat photo gets
     # 0.79 top-1 probability against 0.51 with symmetric padding, so tf_efficientnet_lite0 is the default
     target = backbone or "tf_efficientnet_lite0"

@@ -41,7 +41,7 @@ def rename(fmt: str, key: str) -> str:
     return key
 
 
-def convert(fmt: str, src: str, backbone: str | None, model_name: str | None = None) -> Converted:
+def convert(fmt: str, src: str, backbone: str | None) -> Converted:
     source = load_state_dict(src)
     sd = {rename(fmt, k): v for k, v in source.items()}
     target = backbone or infer_backbone(sd)

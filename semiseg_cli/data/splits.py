@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 
 from semiseg_cli.errors import UserError
+from semiseg_cli.io import write_text_atomic
 from semiseg_cli.resources import resource_dir
 
 KINDS = ("labeled", "unlabeled", "val")
@@ -80,9 +81,7 @@ def read_split(path: str | Path, need_masks: bool = True) -> list[tuple[str, str
 
 
 def write_split(path: str | Path, items) -> None:
-    """Write (image, mask) pairs as a split file (atomic: temp file + rename)."""
+    """Write (image, mask) pairs as a split file (atomically)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(f"{i} {m}\n" if m else f"{i}\n" for i, m in items))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(f"{i} {m}\n" if m else f"{i}\n" for i, m in items))

@@ -84,6 +84,15 @@ def predict(model, x: torch.Tensor, cfg: dict, out_size: tuple[int, int] | None 
     return scores
 
 
+def probabilities(scores: torch.Tensor, cfg: dict) -> torch.Tensor:
+    """`predict`'s scores as per-pixel class probabilities: the softmax of single-variant whole/slide logits,
+    else the summed softmax maps (slide_sum windows, scales, flips) divided by their per-pixel sum."""
+    ev = cfg["eval"]
+    if ev["mode"] == "slide_sum" or list(ev["scales"]) != [1.0] or ev["flip"]:
+        return scores / scores.sum(1, keepdim=True).clamp(min=1e-12)
+    return scores.float().softmax(1)
+
+
 def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """[K, K] counts (rows = target, cols = prediction) of pixels whose target is not ignored."""
     valid = target != ignore_index

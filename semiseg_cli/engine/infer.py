@@ -66,52 +66,79 @@ def overlay(image: np.ndarray, mask: np.ndarray, pal: np.ndarray, alpha: float =
 
 
 @torch.no_grad()
+def predict_images(score_fn, files: list[Path], resize_short: int | None, device: torch.device, batch_size: int = 4,
+                   workers: int = 2, crf: dict | None = None, desc: str = "infer"):
+    """The one image-prediction loop of `infer` and `gen-pseudo`: decode `files` in DataLoader workers, stack
+    consecutive images of one size into batches of at most `batch_size`, and yield for each file, in order,
+    `(index, image uint8 [H, W, 3], scores float32 [K, H, W])`, or `(index, None, error line)` for a file that
+    cannot be read.
+
+    Args:
+        score_fn: normalised image batch [B, 3, h, w], out_size (H, W) -> per-class scores [B, K, H, W]
+            (`checkpoint_scores` for a trained model).
+        resize_short: resize the network input so its short side is this (eval.resize_short); scores are
+            always at the original size.
+        crf: dense-CRF parameters (the `crf` config section) to refine the scores with, or None.
+    """
+    from semiseg_cli.crf import dense_crf
+
+    loader = torch.utils.data.DataLoader(_Images(files, resize_short), batch_size=None, num_workers=workers)
+    pending = []
+
+    def flush():
+        x = normalize(torch.stack([t for _, t, _ in pending]).to(device))
+        # flush() runs before an image of another size joins, so all pending images share one size
+        scores = score_fn(x, pending[0][2].shape[:2]).float().cpu().numpy()
+        for (i, _, image), s in zip(pending, scores):
+            if crf is not None:
+                s = dense_crf(image, s, crf["iters"], crf["gauss_sxy"], crf["gauss_compat"], crf["bilateral_sxy"],
+                              crf["bilateral_srgb"], crf["bilateral_compat"])
+            yield i, image, s
+        pending.clear()
+
+    for i, tensor, image, error in progress(loader, total=len(files), desc=desc):
+        if error:
+            yield i, None, error
+            continue
+        image = np.asarray(image)  # the loader's default_convert made it a tensor
+        if pending and (len(pending) == batch_size or pending[0][1].shape != tensor.shape
+                        or pending[0][2].shape != image.shape):
+            yield from flush()
+        pending.append((i, tensor, image))
+    if pending:
+        yield from flush()
+
+
+def checkpoint_scores(model, cfg: dict):
+    """The score function of a trained model: softmax probabilities of the prediction `eval` makes
+    (its eval.mode, scales and flip; engine/evaluate.py `predict` and `probabilities`)."""
+    from semiseg_cli.engine.evaluate import predict, probabilities
+
+    model.eval()
+    return lambda x, out_size: probabilities(predict(model, x, cfg, out_size=out_size), cfg)
+
+
+@torch.no_grad()
 def infer(model, cfg: dict, images: str | Path, out: str | Path, device: torch.device, crf: bool = False,
           with_overlay: bool = False, batch_size: int = 4, workers: int = 2) -> dict:
-    """Predict every image of `images` into `out`. Returns {"written": n, "failed": [lines]}."""
-    from semiseg_cli.crf import dense_crf
-    from semiseg_cli.engine.evaluate import predict
-
+    """Predict every image of `images` into `out`. Returns {"written": n, "failed": [lines], "out"}."""
     files = list_images(images)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if with_overlay:
         (out / "overlay").mkdir(exist_ok=True)
     pal = palette(cfg["dataset"]["name"])
-    model.eval()
-    loader = torch.utils.data.DataLoader(_Images(files, cfg["eval"]["resize_short"]), batch_size=None,
-                                         num_workers=workers)
-    failed, written, pending = [], 0, []
-
-    def flush():
-        nonlocal written
-        if not pending:
-            return
-        x = normalize(torch.stack([t for _, t, _ in pending]).to(device))
-        # flush() is called before a differently sized image joins, so all pending images share one size
-        scores = predict(model, x, cfg, out_size=pending[0][2].shape[:2])
-        for (i, _, image), s in zip(pending, scores.float().softmax(1).cpu().numpy()):
-            if crf:
-                c = cfg["crf"]
-                s = dense_crf(image, s, c["iters"], c["gauss_sxy"], c["gauss_compat"], c["bilateral_sxy"],
-                              c["bilateral_srgb"], c["bilateral_compat"])
-            mask = s.argmax(0).astype(np.uint8)
-            save_index_png(mask, out / f"{files[i].stem}.png", pal)
-            if with_overlay:
-                picture = Image.fromarray(overlay(image, mask, pal))
-                write_atomic(out / "overlay" / f"{files[i].stem}.png", lambda f: picture.save(f, format="PNG"))
-            written += 1
-        pending.clear()
-
-    for i, tensor, image, error in progress(loader, total=len(files), desc="infer"):
-        if error:
-            failed.append(error)
-            err.print(f"skipped: {error}", markup=False)
+    failed, written = [], 0
+    for i, image, scores in predict_images(checkpoint_scores(model, cfg), files, cfg["eval"]["resize_short"], device,
+                                           batch_size, workers, cfg["crf"] if crf else None):
+        if image is None:
+            failed.append(scores)
+            err.print(f"skipped: {scores}", markup=False)
             continue
-        image = np.asarray(image)  # the loader's default_convert made it a tensor
-        if pending and (len(pending) == batch_size or pending[0][1].shape != tensor.shape
-                        or pending[0][2].shape != image.shape):
-            flush()
-        pending.append((i, tensor, image))
-    flush()
+        mask = scores.argmax(0).astype(np.uint8)
+        save_index_png(mask, out / f"{files[i].stem}.png", pal)
+        if with_overlay:
+            picture = Image.fromarray(overlay(image, mask, pal))
+            write_atomic(out / "overlay" / f"{files[i].stem}.png", lambda f: picture.save(f, format="PNG"))
+        written += 1
     return {"written": written, "failed": failed, "out": str(out)}

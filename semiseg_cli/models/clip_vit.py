@@ -245,7 +245,8 @@ class MaskClipViT(nn.Module):
         """Build the architecture recorded in a converted file and load it.
 
         `kwargs` (img_size, act, ln_eps, out_indices) are passed to the constructor; width, layers, heads,
-        patch and embed_dim come from the file's `meta.*` entries.
+        patch and embed_dim come from the file's `meta.*` entries. Without img_size the stored positional
+        grid is kept (resized once per input size at run time, as MaskCLIP does).
         """
         from semiseg_cli.io import load_file
 
@@ -254,6 +255,8 @@ class MaskClipViT(nn.Module):
             raise UserError(f"{path}: not a converted CLIP file (no meta.width); make it with "
                             "`semiseg convert-weights openai-clip ViT-B-16.pt DST`")
         arch = {k: int(state[f"meta.{k}"]) for k in ("width", "layers", "heads", "patch", "embed_dim")}
+        if "img_size" not in kwargs and "meta.grid_h" in state:
+            kwargs["img_size"] = (int(state["meta.grid_h"]) * arch["patch"], int(state["meta.grid_w"]) * arch["patch"])
         with torch.device("meta"):  # no random init of ~86M values that the file replaces anyway
             model = cls(**arch, **kwargs)
         try:

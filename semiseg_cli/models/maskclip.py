@@ -90,8 +90,7 @@ def build_maskclip(cfg: dict) -> MaskCLIP:
     m, k = cfg["model"], cfg["dataset"]["num_classes"]
     text, owner = embed_class_text(cfg, load_class_text(m["class_text"], cfg), average=False, seed=0)
     if m["weights"]:
-        encoder = MaskClipViT.from_file(m["weights"], img_size=cfg["train"]["crop_size"], act=m["vit_act"],
-                                        ln_eps=m["vit_ln_eps"], out_indices=())
+        encoder = MaskClipViT.from_file(m["weights"], act=m["vit_act"], ln_eps=m["vit_ln_eps"], out_indices=())
     else:
         encoder = MaskClipViT(**vit_arch(m["backbone"]), img_size=cfg["train"]["crop_size"], act=m["vit_act"],
                               ln_eps=m["vit_ln_eps"], out_indices=())

@@ -187,6 +187,42 @@ def concept_embeddings(weights_path: str | Path, classes: Names, template: str =
     return out["embeddings"], out["class_index"]
 
 
+def ensemble_embeddings(weights_path: str | Path, classes: list, templates: Sequence[str],
+                        device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt-ensembled embeddings of a nested class list (MaskCLIP's, specs/simseg.md §4): a name's embedding
+    is the L2-normalised mean of its L2-normalised `encode_text` over every template; a concept given as a
+    list of synonyms is the L2-normalised mean of its synonyms' embeddings.
+
+    Args:
+        classes: class -> a name, or a list of concepts; a concept is a name or a list of synonyms, e.g.
+            ["aeroplane", ["background", ["sky", "clouds"], "wall"]].
+        templates: format strings, e.g. `prompts.templates("maskclip")` (85).
+
+    Returns:
+        (embeddings [M, E] float32, class_index [M]): one row per concept, in class order.
+    """
+    concepts, index = _flatten(classes)
+    synonyms = [[c] if isinstance(c, str) else list(c) for c in concepts]
+    if any(not s or not all(isinstance(n, str) for n in s) for s in synonyms):
+        raise UserError("a concept must be a name or a non-empty list of synonym names")
+    names = [n for s in synonyms for n in s]
+
+    def compute(sidecar: Path) -> dict:
+        tower, ctx = load_text_tower(sidecar, device)
+        prompts = [_prompt(t, n) for n in names for t in templates]  # name-major
+        per_name = F.normalize(F.normalize(encode(tower, ctx, prompts), dim=-1).view(len(names), len(templates), -1)
+                               .mean(1), dim=-1)
+        rows, start = [], 0
+        for s in synonyms:
+            rows.append(F.normalize(per_name[start:start + len(s)].mean(0), dim=-1))
+            start += len(s)
+        return {"embeddings": torch.stack(rows), "class_index": torch.tensor(index, dtype=torch.long)}
+
+    key = {"ensemble": [[c] if isinstance(c, str) else list(c) for c in classes], "templates": list(templates)}
+    out = _cached(weights_path, key, compute)
+    return out["embeddings"], out["class_index"]
+
+
 def text_embeddings(weights_path: str | Path, names: list[str], template: str = TEMPLATE, normalize: bool = True,
                     device: str | torch.device = "cpu") -> torch.Tensor:
     """L2-normalised CLIP text embeddings [N, E] (float32) of `template` filled with each name (`single`).

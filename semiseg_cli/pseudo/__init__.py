@@ -1,0 +1,114 @@
+"""`semiseg gen-pseudo`: pseudo-labels for a folder, a file or a list of images, by a pluggable labeler.
+
+A labeler maps a batch of images to per-class scores in [0, 1] at each image's size and names its classes
+and palette; `pseudo/writer.py` is the one writer (labels, confidences, scores, a split list; resumable;
+sharded over torchrun processes). Labelers are looked up by `--model` in `LABELERS`:
+
+    checkpoint  a trained semiseg checkpoint (`--checkpoint`): the softmax probabilities of the prediction
+                `eval` makes with the checkpoint's eval settings (whole / slide, scales, flip)
+    maskclip    MaskCLIP (`--weights`, a `convert-weights openai-clip|open-clip` file; `--classes`): the
+                softmax of 100 x the cosine of the dense CLIP features with 85-template prompt ensembles,
+                max over each class's concepts (a 21-class VOC space through background concepts, e.g.
+                `--classes voc12_wbg_classes_w_concepts4`)
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from semiseg_cli.errors import UserError, unknown_name
+
+
+@dataclass
+class Labeler:
+    """What the writer needs from a labeler.
+
+    score_fn: (ImageNet-normalised batch [B, 3, h, w], out_size (H, W)) -> scores [B, K, H, W] in [0, 1].
+    class_names: the K names; palette: [256, 3] uint8 colours of the label PNGs.
+    resize_short: resize the network input so its short side is this (None: native size).
+    cfg: the resolved config (its `crf` section refines scores with --crf).
+    """
+    score_fn: Callable
+    class_names: list
+    palette: np.ndarray
+    resize_short: int | None
+    cfg: dict
+
+
+def checkpoint_labeler(opts: dict, device) -> Labeler:
+    from semiseg_cli.data.facts import class_names, palette
+    from semiseg_cli.engine.checkpoint import model_from_checkpoint
+    from semiseg_cli.engine.infer import checkpoint_scores
+
+    if not opts.get("checkpoint"):
+        raise UserError("gen-pseudo --model checkpoint needs --checkpoint FILE (best.pt / last.pt of a run)")
+    cfg, model = model_from_checkpoint(opts["checkpoint"], None, opts.get("sets") or [])
+    ds = cfg["dataset"]
+    return Labeler(checkpoint_scores(model.to(device), cfg), class_names(ds["name"], ds["root"]), palette(ds["name"]),
+                   cfg["eval"]["resize_short"], cfg)
+
+
+def read_classes(spec: str) -> list:
+    """A nested class list: a bundled set (data/class_names/<name>.json) or a JSON file (class -> a name or a
+    list of concepts; a concept is a name or a list of synonyms)."""
+    from semiseg_cli.models.semivl import CLASS_NAMES_DIR
+
+    path = Path(spec)
+    if not path.is_file():
+        bundled = {p.stem: p for p in CLASS_NAMES_DIR.glob("*.json")}
+        if spec not in bundled:
+            raise unknown_name("class set (or JSON file)", spec, sorted(bundled))
+        path = bundled[spec]
+    try:
+        classes = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not a readable JSON class list ({e})") from None
+
+    def ok(entry, depth):
+        return isinstance(entry, str) or (depth < 2 and isinstance(entry, list) and entry
+                                          and all(ok(e, depth + 1) for e in entry))
+
+    if not isinstance(classes, list) or not classes or not all(ok(c, 0) for c in classes):
+        raise UserError(f"{path}: expected a JSON list of classes, each a name or a list of concepts "
+                        '(a concept: a name or a list of synonyms), e.g. ["aeroplane", ["background", "sky"]]')
+    return classes
+
+
+def maskclip_labeler(opts: dict, device) -> Labeler:
+    from semiseg_cli.config import load_config
+    from semiseg_cli.data.facts import voc_palette
+    from semiseg_cli.engine.evaluate import predict, probabilities
+    from semiseg_cli.models.clip_vit import MaskClipViT
+    from semiseg_cli.models.maskclip import MaskCLIP
+    from semiseg_cli.models.prompts import templates
+    from semiseg_cli.models.text_embeddings import ensemble_embeddings
+
+    if not opts.get("weights") or not opts.get("classes"):
+        raise UserError("gen-pseudo --model maskclip needs --weights FILE (from `semiseg convert-weights openai-clip`) "
+                        "and --classes NAME|FILE")
+    classes = read_classes(opts["classes"])
+    # MaskCLIP's evaluation resize (short side 512) and whole-image prediction; --set changes them
+    cfg = load_config(None, ["model.name=maskclip", f"model.weights={opts['weights']}", "eval.resize_short=512",
+                             *(opts.get("sets") or [])])
+    cfg["dataset"]["num_classes"] = len(classes)  # the labeler's own class space, not a dataset's
+    m = cfg["model"]
+    encoder = MaskClipViT.from_file(opts["weights"], act=m["vit_act"], ln_eps=m["vit_ln_eps"], out_indices=())
+    text, owner = ensemble_embeddings(opts["weights"], classes, templates("maskclip"))
+    model = MaskCLIP(encoder, text, owner, len(classes)).to(device).eval()
+    names = [c if isinstance(c, str) else (c[0] if isinstance(c[0], str) else c[0][0]) for c in classes]
+    return Labeler(lambda x, size: probabilities(predict(model, x, cfg, out_size=size), cfg), names,
+                   voc_palette(256), cfg["eval"]["resize_short"], cfg)
+
+
+# --model -> the labeler builder (options dict, device) -> Labeler
+LABELERS: dict[str, Callable] = {"checkpoint": checkpoint_labeler, "maskclip": maskclip_labeler}
+
+
+def build_labeler(name: str, opts: dict, device) -> Labeler:
+    if name not in LABELERS:
+        raise unknown_name("labeler (--model)", name, LABELERS)
+    return LABELERS[name](opts, device)
