@@ -150,7 +150,8 @@ def _model_from_checkpoint(run: Optional[Path], checkpoint: Optional[Path], reci
     from semiseg_cli.engine.checkpoint import model_from_checkpoint
 
     if (run is None) == (checkpoint is None):
-        raise UserError("pass exactly one of --run RUN_DIR or --checkpoint FILE")
+        raise UserError("pass exactly one of --run RUN_DIR or --checkpoint FILE (or --recipe alone for a training-free "
+                        "model, e.g. maskclip-voc20)")
     if run is not None:
         checkpoint = run / "best.pt" if (run / "best.pt").is_file() else run / "last.pt"
     return model_from_checkpoint(checkpoint, recipe, sets or [])
@@ -158,6 +159,7 @@ def _model_from_checkpoint(run: Optional[Path], checkpoint: Optional[Path], reci
 
 @app.command("eval", epilog=(
     "Examples:\n\n  semiseg eval --run runs/demo\n\n"
+    "  semiseg eval --recipe maskclip-voc20 --set model.weights=weights/clip_vitb16.pt   (training-free: no checkpoint)\n\n"
     "  semiseg eval --checkpoint runs/demo/best.pt --mode slide --set eval.crop=512 --set eval.stride=426 --json\n\n"
     "  torchrun --nproc_per_node=4 -m semiseg_cli eval --checkpoint runs/voc92/best.pt   (images split over "
     "processes; under torchrun use --checkpoint: torchrun reads --run as its own --run-path)"))
@@ -172,7 +174,19 @@ def eval_cmd(run: Optional[Path] = typer.Option(None, "--run", help="Run folder 
     from semiseg_cli.distributed import cleanup, init_distributed
     from semiseg_cli.engine.evaluate import evaluate, iou_table
 
-    cfg, model = _model_from_checkpoint(run, checkpoint, recipe, (sets or []) + ([f"eval.mode={mode}"] if mode else []))
+    sets = (sets or []) + ([f"eval.mode={mode}"] if mode else [])
+    if run is None and checkpoint is None and recipe is not None:  # a training-free model: recipe + weights
+        from semiseg_cli.config import load_config
+        from semiseg_cli.models import TRAINING_FREE, build_model
+
+        cfg = load_config(recipe, sets)
+        if cfg["model"]["name"] not in TRAINING_FREE:
+            raise UserError(f"model.name={cfg['model']['name']} must be trained first: pass --run RUN_DIR or "
+                            f"--checkpoint FILE (only a training-free model, {', '.join(sorted(TRAINING_FREE))}, "
+                            "evaluates from --recipe alone)")
+        model = build_model(cfg)
+    else:
+        cfg, model = _model_from_checkpoint(run, checkpoint, recipe, sets)
     env = init_distributed()
     try:
         result = evaluate(model.to(env.device), cfg, build_dataset(cfg, "val"), env, workers=cfg["train"]["workers"],

@@ -30,7 +30,10 @@ NULLABLE = {
     "dataset.root": str, "dataset.num_classes": int, "model.weights": str, "train.iters": int,
     "eval.crop": int, "eval.stride": int, "eval.resize_short": int, "model.class_text": str,
     "model.conv_encoder": str, "model.conv_encoder_weights": str, "ssl.guidance_text": str,
-    "optim.bias_weight_decay": float,
+    "optim.bias_weight_decay": float, "eval.img_scale": list,
+}
+# The shape of list keys whose default is null (a value must look like this).
+NULLABLE_LIST_SHAPE = {"eval.img_scale": [2048, 512],
 }
 # Mappings whose sub-keys are not fixed by the schema (values must still be numbers).
 OPEN = {"optim.lr_mult": float}
@@ -153,6 +156,7 @@ def _coerce(key: str, value: Any, default: Any, where: str) -> Any:
         if isinstance(value, (str, int)) and not isinstance(value, bool):
             return str(value)  # split names like 92 arrive as ints
     elif want is list:
+        default = NULLABLE_LIST_SHAPE[key] if default is None else default
         if isinstance(value, list) and len(value) == len(default):
             return [_coerce(f"{key}[{i}]", v, d, where) for i, (v, d) in enumerate(zip(value, default))]
         raise UserError(f"{where}: {key} must be a list of {len(default)} values like {default}, got {value!r}")

@@ -18,8 +18,14 @@ TINY_MODELS = {
 }
 
 
-def test_every_model_has_a_tiny_config():
-    assert set(TINY_MODELS) == set(MODELS)
+def test_every_model_has_a_tiny_config_and_training_free_ones_train_nothing():
+    from semiseg_cli.models import TRAINING_FREE
+
+    assert set(TINY_MODELS) == set(MODELS) and TRAINING_FREE <= set(MODELS)
+    for name in MODELS:
+        cfg = load_config(None, [f"model.name={name}", "train.crop_size=48", *TINY_MODELS[name]])
+        trainable = any(p.requires_grad for p in build_model(cfg).parameters())
+        assert trainable == (name not in TRAINING_FREE), name
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -49,9 +55,7 @@ def test_maskclip_is_training_free_and_labels_like_a_direct_computation():
     assert not model.encoder.training
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        from semiseg_cli.models.clip_vit import clip_renorm
-
-        dense = model.encoder(clip_renorm(x))["dense"]
+        dense = model.encoder(x)["dense"]  # the mmseg port feeds ImageNet-normalised images
         sim = torch.einsum("bchw,nc->bnhw", dense, model.text)
         want = 100 * F.interpolate(sim, size=(32, 32), mode="bilinear", align_corners=False)
         torch.testing.assert_close(model(x), want)

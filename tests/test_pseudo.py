@@ -141,7 +141,7 @@ def test_maskclip_labels_from_converted_clip_weights_with_prompt_ensembles(root,
     import torch.nn.functional as F
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
-    from semiseg_cli.models.clip_vit import MaskClipViT, clip_renorm
+    from semiseg_cli.models.clip_vit import MaskClipViT
     from semiseg_cli.models.prompts import templates
 
     torch.manual_seed(0)
@@ -154,7 +154,7 @@ def test_maskclip_labels_from_converted_clip_weights_with_prompt_ensembles(root,
     (tmp_path / "classes.json").write_text(json.dumps(classes))
     out = tmp_path / "maskclip"
     run_cli("gen-pseudo", "--model", "maskclip", "--weights", weights, "--classes", tmp_path / "classes.json",
-            "--images", root / "pick.txt", "--out", out, "--save-scores", "--set", "eval.resize_short=null", check=0)
+            "--images", root / "pick.txt", "--out", out, "--save-scores", "--set", "eval.img_scale=null", check=0)
 
     tok = open_clip.get_tokenizer("ViT-B-16")
     with torch.no_grad():
@@ -169,7 +169,7 @@ def test_maskclip_labels_from_converted_clip_weights_with_prompt_ensembles(root,
         for line in (root / "pick.txt").read_text().split()[:2]:
             img = load_image(root / line)
             x = normalize(to_uint8_tensor(img)[None])
-            sim = torch.einsum("bchw,nc->bnhw", vit(clip_renorm(x))["dense"], text)
+            sim = torch.einsum("bchw,nc->bnhw", vit(x)["dense"], text)  # ImageNet-normalised input (mmseg port)
             per_class = torch.stack([sim[:, [i for i, o in enumerate(owner) if o == c]].max(1).values for c in range(3)], 1)
             want = (100 * F.interpolate(per_class, size=(img.height, img.width), mode="bilinear",
                                         align_corners=False)).softmax(1)[0].numpy()

@@ -120,3 +120,20 @@ def test_a_missing_or_extra_key_is_one_line_naming_it(tmp_path, recipe):
     assert proc.returncode == 2 and "needs --recipe" in proc.stderr
     proc = run_cli("convert-weights", "torchvision-resnet", tmp_path / "extra.pth", tmp_path / "c.pt", "--recipe", recipe)
     assert proc.returncode == 2 and "--recipe does not apply" in proc.stderr
+
+
+def test_an_xception65_checkpoint_is_refused_in_one_line(tmp_path, recipe):
+    """UniMatch's Xception-65 is not timm's xception65 under other names (see the converter's docstring), so a
+    COCO recipe, or a checkpoint with its backbone names under any recipe, is refused instead of mis-converted."""
+    # a few keys in UniMatch's Xception layout (model/backbone/xception.py: blockN.skip / sepconvK.depthwise, conv3..5)
+    sd = {f"module.backbone.{k}": torch.zeros(1) for k in
+          ("conv1.weight", "block1.skip.weight", "block2.sepconv2.depthwise.weight", "conv5.bn2.running_var")}
+    sd.update({k: v for k, v in unimatch_layout().items() if not k.startswith("module.backbone.")})
+    torch.save({"model": sd}, tmp_path / "coco.pth")
+    for recipe_arg in ("unimatch-coco-1_32", recipe):
+        proc = run_cli("convert-weights", "unimatch-checkpoint", tmp_path / "coco.pth", tmp_path / "x.pt",
+                       "--recipe", recipe_arg, "-q")
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert "Xception-65 checkpoints (COCO recipes) are not supported yet" in lines[0]
+        assert not (tmp_path / "x.pt").exists()

@@ -39,20 +39,20 @@ class SegDataset(Dataset):
         crop_size: training crop (square).
         resize: "long" (UniMatch) or "short" (SemiVL/mmseg) training rescale.
         scale_range, img_scale: rescale parameters (see transforms).
-        eval_resize_short: resize val images (not masks) so the short side is this (SemiVL: 512).
+        eval_resize: `transforms.eval_resize` arguments for val images (not masks), e.g. {"short": 512}.
         reduce_zero_label: ADE20K label convention.
         seed: base seed of the augmentation.
     """
 
     def __init__(self, root, items, mode: str, num_classes: int, crop_size: int = 321, resize: str = "long",
-                 scale_range=(0.5, 2.0), img_scale=(2048, 512), eval_resize_short: int | None = None,
+                 scale_range=(0.5, 2.0), img_scale=(2048, 512), eval_resize: dict | None = None,
                  reduce_zero_label: bool = False, seed: int = 0):
         if mode not in SAMPLES:
             raise ValueError(f"mode {mode!r} is not one of {list(SAMPLES)}")
         self.root, self.items, self.mode = Path(root), list(items), mode
         self.num_classes, self.crop_size, self.resize = num_classes, crop_size, resize
         self.scale_range, self.img_scale = tuple(scale_range), tuple(img_scale)
-        self.eval_resize_short, self.reduce_zero_label, self.seed = eval_resize_short, reduce_zero_label, seed
+        self.eval_resize, self.reduce_zero_label, self.seed = eval_resize or {}, reduce_zero_label, seed
 
     def __len__(self) -> int:
         return len(self.items)
@@ -106,8 +106,7 @@ def sample_unlabeled(ds: SegDataset, img, mask, rng, index):
 
 def sample_val(ds: SegDataset, img, mask, rng, index):
     """(x, y, index): the whole image (short side resized for SemiVL) and its full-size mask."""
-    if ds.eval_resize_short:
-        img = T.resize_short_exact(img, ds.eval_resize_short)
+    img = T.eval_resize(img, **ds.eval_resize)
     return T.to_uint8_tensor(img), T.to_mask_tensor(mask), index
 
 
@@ -124,7 +123,7 @@ def build_dataset(cfg: dict, split: str, sample: str | None = None, seed_offset:
     return SegDataset(
         ds["root"], items, sample or DEFAULT_SAMPLE[split], ds["num_classes"], crop_size=tr["crop_size"],
         resize=tr["resize"], scale_range=tr["scale_range"], img_scale=tr["img_scale"],
-        eval_resize_short=cfg["eval"]["resize_short"], reduce_zero_label=dataset_info(ds["name"])["reduce_zero_label"],
+        eval_resize=T.eval_resize_of(cfg), reduce_zero_label=dataset_info(ds["name"])["reduce_zero_label"],
         seed=tr["seed"] + seed_offset,
     )
 

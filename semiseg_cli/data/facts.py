@@ -5,7 +5,8 @@ All prepared datasets use 255 as the ignore label (CamVid's void 11 is remapped 
 
 Keys of an entry:
     classes: name of the class list in `data/classes/<name>.txt`, or an inline list.
-    palette: "voc" (the VOC bit-interleaving palette, works for any K) or an inline list of RGB triples.
+    palette: "voc" (the VOC bit-interleaving palette, works for any K), "voc_no_background" (VOC's colours of
+        classes 1..20 at 0..19) or an inline list of RGB triples.
     reduce_zero_label: ADE20K convention: raw 0 ("other") -> 255, v -> v - 1.
     layout: one line describing the expected root layout (used in error messages and --help).
     s4mc_neighbour_agreement: S4MC's E_c per class (the official hard-coded tables; datasets without one
@@ -54,6 +55,16 @@ DATASETS: dict[str, dict] = {
                "layout": "images/{training,validation}/*.jpg, annotations/{training,validation}/*.png (raw, 0 = other)"},
     "camvid": {"classes": "camvid", "palette": CAMVID_PALETTE, "reduce_zero_label": False,
                "layout": "train/, trainannot/, val/, valannot/ (*.png; void remapped to 255)"},
+    # MaskCLIP's zero-shot evaluation sets (specs/simseg.md §4.5; class names: MaskCLIP's prompt_engineering.py
+    # lists, data/classes/LICENSE.maskclip): background ignored, so raw 0 -> 255 and v -> v - 1
+    "voc20": {"classes": "voc20", "palette": "voc_no_background", "reduce_zero_label": True,
+              "layout": "as voc: JPEGImages/*.jpg, SegmentationClass/*.png (0 = background, ignored here)"},
+    "context59": {"classes": "context59", "palette": "voc", "reduce_zero_label": True,
+                  "layout": "JPEGImages/*.jpg, SegmentationClassContext/*.png (mmseg's Pascal Context 59: 0 = "
+                            "background, ignored here), splits/val.txt"},
+    "cocostuff171": {"classes": "cocostuff171", "palette": "voc", "reduce_zero_label": False,
+                     "layout": "images/val2017/*.jpg, annotations/val2017/*_labelTrainIds.png (mmseg's COCO-Stuff "
+                               "164k: 0..170, 255 = ignore), splits/val.txt"},
     "synthetic": {"classes": SYNTHETIC_CLASSES, "palette": "voc", "reduce_zero_label": False,
                   "layout": "images/*.png, masks/*.png (made by `semiseg prepare-data synthetic`)"},
     "folder": {"classes": None, "palette": "voc", "reduce_zero_label": False,
@@ -112,6 +123,8 @@ def palette(name: str) -> np.ndarray:
     """[256, 3] uint8 colour table for dataset `name`; the ignore index 255 is the VOC border colour."""
     pal = voc_palette(256)
     spec = dataset_info(name)["palette"]
-    if spec != "voc":
+    if spec == "voc_no_background":  # VOC's colours for classes 1..20 at indices 0..19
+        pal[:255] = np.roll(voc_palette(256), -1, axis=0)[:255]
+    elif spec != "voc":
         pal[: len(spec)] = np.array(spec, np.uint8)
     return pal

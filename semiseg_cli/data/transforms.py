@@ -58,6 +58,24 @@ def resize_short_exact(img: Image.Image, short: int = 512) -> Image.Image:
     return Image.fromarray(cv2.resize(np.asarray(img), size, interpolation=cv2.INTER_LINEAR))
 
 
+def eval_resize(img: Image.Image, short: int | None = None, scale=None) -> Image.Image:
+    """The evaluation resize of the network input (masks stay at full size): the short side becomes `short`
+    (SemiVL), or the image is fitted inside the (long, short) bound `scale` keeping its ratio (mmseg's test
+    Resize(img_scale, keep_ratio=True): MaskCLIP's (2048, 512), Pascal Context's (520, 520)); cv2 bilinear."""
+    if short:
+        return resize_short_exact(img, short)
+    if scale:
+        size = rescale_size(*img.size, tuple(scale))
+        if size != img.size:
+            return Image.fromarray(cv2.resize(np.asarray(img), size, interpolation=cv2.INTER_LINEAR))
+    return img
+
+
+def eval_resize_of(cfg: dict) -> dict:
+    """The `eval_resize` arguments of a config (eval.resize_short, eval.img_scale)."""
+    return {"short": cfg["eval"]["resize_short"], "scale": cfg["eval"]["img_scale"]}
+
+
 def crop(img: Image.Image, mask: Image.Image, size: int, rng: random.Random, mask_pad: int):
     """Pad right/bottom to at least size x size (image 0, mask `mask_pad`), then a uniform random crop."""
     w, h = img.size

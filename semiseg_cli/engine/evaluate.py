@@ -53,7 +53,8 @@ def predict(model, x: torch.Tensor, cfg: dict, out_size: tuple[int, int] | None 
 
     Single-scale whole/slide return logits (slide_sum: summed probabilities); with several scales or
     flip the softmax probabilities of all variants are summed. Scores are resized to `out_size`
-    bilinearly with align_corners=True (SemiVL's zegclip evaluation) when it differs from x's size.
+    bilinearly (align_corners per eval.align_corners: True in SemiVL's zegclip evaluation, False in mmseg's
+    MaskCLIP) when it differs from x's size.
     """
     ev, k = cfg["eval"], cfg["dataset"]["num_classes"]
     crop = ev["crop"] or cfg["train"]["crop_size"]
@@ -80,7 +81,7 @@ def predict(model, x: torch.Tensor, cfg: dict, out_size: tuple[int, int] | None 
             s = F.interpolate(s, size=(h, w), mode="bilinear", align_corners=True) if scale != 1.0 else s
             scores = scores + s.softmax(1)
     if out_size is not None and tuple(out_size) != (h, w):
-        scores = F.interpolate(scores, size=tuple(out_size), mode="bilinear", align_corners=True)
+        scores = F.interpolate(scores, size=tuple(out_size), mode="bilinear", align_corners=ev["align_corners"])
     return scores
 
 

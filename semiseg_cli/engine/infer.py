@@ -16,7 +16,7 @@ from PIL import Image
 from semiseg_cli.console import err, progress
 from semiseg_cli.data.facts import IGNORE_INDEX, palette
 from semiseg_cli.data.reader import load_image
-from semiseg_cli.data.transforms import normalize, resize_short_exact, to_uint8_tensor
+from semiseg_cli.data.transforms import eval_resize, eval_resize_of, normalize, to_uint8_tensor
 from semiseg_cli.errors import UserError
 from semiseg_cli.io import save_index_png, write_atomic
 
@@ -43,8 +43,8 @@ def list_images(spec: str | Path) -> list[Path]:
 
 
 class _Images(torch.utils.data.Dataset):
-    def __init__(self, files, resize_short):
-        self.files, self.resize_short = files, resize_short
+    def __init__(self, files, resize: dict | None):
+        self.files, self.resize = files, resize or {}
 
     def __len__(self):
         return len(self.files)
@@ -54,7 +54,7 @@ class _Images(torch.utils.data.Dataset):
             img = load_image(self.files[i])
         except UserError as e:
             return i, None, None, str(e)
-        net_in = resize_short_exact(img, self.resize_short) if self.resize_short else img
+        net_in = eval_resize(img, **self.resize)
         return i, to_uint8_tensor(net_in), np.array(img), None
 
 
@@ -66,7 +66,7 @@ def overlay(image: np.ndarray, mask: np.ndarray, pal: np.ndarray, alpha: float =
 
 
 @torch.no_grad()
-def predict_images(score_fn, files: list[Path], resize_short: int | None, device: torch.device, batch_size: int = 4,
+def predict_images(score_fn, files: list[Path], resize: dict | None, device: torch.device, batch_size: int = 4,
                    workers: int = 2, crf: dict | None = None, desc: str = "infer"):
     """The one image-prediction loop of `infer` and `gen-pseudo`: decode `files` in DataLoader workers, stack
     consecutive images of one size into batches of at most `batch_size`, and yield for each file, in order,
@@ -76,13 +76,13 @@ def predict_images(score_fn, files: list[Path], resize_short: int | None, device
     Args:
         score_fn: normalised image batch [B, 3, h, w], out_size (H, W) -> per-class scores [B, K, H, W]
             (`checkpoint_scores` for a trained model).
-        resize_short: resize the network input so its short side is this (eval.resize_short); scores are
+        resize: `transforms.eval_resize` arguments for the network input (`eval_resize_of(cfg)`); scores are
             always at the original size.
         crf: dense-CRF parameters (the `crf` config section) to refine the scores with, or None.
     """
     from semiseg_cli.crf import dense_crf
 
-    loader = torch.utils.data.DataLoader(_Images(files, resize_short), batch_size=None, num_workers=workers)
+    loader = torch.utils.data.DataLoader(_Images(files, resize), batch_size=None, num_workers=workers)
     pending = []
 
     def flush():
@@ -129,7 +129,7 @@ def infer(model, cfg: dict, images: str | Path, out: str | Path, device: torch.d
         (out / "overlay").mkdir(exist_ok=True)
     pal = palette(cfg["dataset"]["name"])
     failed, written = [], 0
-    for i, image, scores in predict_images(checkpoint_scores(model, cfg), files, cfg["eval"]["resize_short"], device,
+    for i, image, scores in predict_images(checkpoint_scores(model, cfg), files, eval_resize_of(cfg), device,
                                            batch_size, workers, cfg["crf"] if crf else None):
         if image is None:
             failed.append(scores)

@@ -56,6 +56,8 @@ MODELS = {
     "smp": _lazy("semiseg_cli.models.smp", "build_smp"),
     "maskclip": _lazy("semiseg_cli.models.maskclip", "build_maskclip"),
 }
+# models with no trainable parameter: `eval --recipe` evaluates them from their weights, `train` refuses them
+TRAINING_FREE = {"maskclip"}
 # config keys of weight files a builder reads (cleared by build_model(load_weights=False))
 WEIGHT_KEYS = ("weights", "conv_encoder_weights")
 

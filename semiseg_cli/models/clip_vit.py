@@ -81,7 +81,7 @@ class Attention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, h: torch.Tensor, value_path: bool = False, first_query_only: bool = False):
+    def forward(self, h: torch.Tensor, value_path: bool = False, first_query_only: bool = False, keys: bool = False):
         """Returns (attention output, value path W_o(W_v h + b_v) + b_o of the non-cls tokens or None).
 
         `first_query_only`: only the cls token's output is needed (last block: the patch tokens' normal
@@ -96,7 +96,9 @@ class Attention(nn.Module):
         out = self.out_proj(out.transpose(1, 2).reshape(b, q.shape[2], c))
         # value path: the V part of the same projection, without mixing tokens
         value = self.out_proj(qkv[:, 1:, 2].reshape(b, n - 1, c)) if value_path else None
-        return out, value
+        # MaskCLIP's key smoothing reads the keys of the non-cls tokens, projected by out_proj as well
+        key = self.out_proj(qkv[:, 1:, 1].reshape(b, n - 1, c)) if keys else None
+        return out, value, key
 
 
 class Mlp(nn.Module):
@@ -121,14 +123,14 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(width, eps=ln_eps)
         self.mlp = Mlp(width, 4 * width, act)
 
-    def forward(self, x: torch.Tensor, value_path: bool = False, cls_only: bool = False):
-        a, v = self.attn(self.ln1(x), value_path, first_query_only=cls_only)
+    def forward(self, x: torch.Tensor, value_path: bool = False, cls_only: bool = False, keys: bool = False):
+        a, v, k = self.attn(self.ln1(x), value_path, first_query_only=cls_only, keys=keys)
         if v is not None:
             v = x[:, 1:] + v
             v = v + self.mlp(self.ln2(v))
         x = (x[:, :1] if cls_only else x) + a
         x = x + self.mlp(self.ln2(x))
-        return x, v
+        return x, v, k
 
 
 class MaskClipViT(nn.Module):
@@ -188,7 +190,9 @@ class MaskClipViT(nn.Module):
             nn.init.normal_(blk.mlp.fc2.weight, std=scale * (2 * self.layers) ** -0.5)
         nn.init.normal_(self.proj.weight, std=scale)
 
-    def forward(self, x: torch.Tensor) -> dict:
+    def forward(self, x: torch.Tensor, keys: bool = False) -> dict:
+        """See the class docstring; with `keys` the dict also holds `keys` [B, h*w, width]: the last block's
+        keys of the patch tokens after out_proj (MaskCLIP's key smoothing)."""
         b, _, H, W = x.shape
         pad_h, pad_w = -H % self.patch, -W % self.patch
         if pad_h or pad_w:  # SemiVL pads bottom/right with zeros (the tokens still attend to the padding)
@@ -202,12 +206,15 @@ class MaskClipViT(nn.Module):
         skips, last = [], self.layers - 1
         for i, blk in enumerate(self.blocks):
             # value path only where it is used; the last block's tokens only feed the cls output
-            x, v = blk(x, value_path=i in self.out_indices or i == last, cls_only=i == last)
+            x, v, k = blk(x, value_path=i in self.out_indices or i == last, cls_only=i == last, keys=keys and i == last)
             if i in self.out_indices:
                 skips.append(self._to_map(v, h, w))
         dense = F.normalize(self.proj(self.ln_post(v)), dim=-1)
         glob = F.normalize(self.proj(self.ln_post(x[:, 0])), dim=-1)
-        return {"skips": skips, "dense": self._to_map(dense, h, w), "global": glob}
+        out = {"skips": skips, "dense": self._to_map(dense, h, w), "global": glob}
+        if keys:
+            out["keys"] = k
+        return out
 
     @staticmethod
     def _to_map(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:

@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 
+from semiseg_cli.data.transforms import eval_resize_of
 from semiseg_cli.errors import UserError, unknown_name
 
 
@@ -29,13 +30,13 @@ class Labeler:
 
     score_fn: (ImageNet-normalised batch [B, 3, h, w], out_size (H, W)) -> scores [B, K, H, W] in [0, 1].
     class_names: the K names; palette: [256, 3] uint8 colours of the label PNGs.
-    resize_short: resize the network input so its short side is this (None: native size).
+    resize: `transforms.eval_resize` arguments for the network input (`eval_resize_of(cfg)`).
     cfg: the resolved config (its `crf` section refines scores with --crf).
     """
     score_fn: Callable
     class_names: list
     palette: np.ndarray
-    resize_short: int | None
+    resize: dict
     cfg: dict
 
 
@@ -49,7 +50,7 @@ def checkpoint_labeler(opts: dict, device) -> Labeler:
     cfg, model = model_from_checkpoint(opts["checkpoint"], None, opts.get("sets") or [])
     ds = cfg["dataset"]
     return Labeler(checkpoint_scores(model.to(device), cfg), class_names(ds["name"], ds["root"]), palette(ds["name"]),
-                   cfg["eval"]["resize_short"], cfg)
+                   eval_resize_of(cfg), cfg)
 
 
 def read_classes(spec: str) -> list:
@@ -91,17 +92,19 @@ def maskclip_labeler(opts: dict, device) -> Labeler:
         raise UserError("gen-pseudo --model maskclip needs --weights FILE (from `semiseg convert-weights openai-clip`) "
                         "and --classes NAME|FILE")
     classes = read_classes(opts["classes"])
-    # MaskCLIP's evaluation resize (short side 512) and whole-image prediction; --set changes them
-    cfg = load_config(None, ["model.name=maskclip", f"model.weights={opts['weights']}", "eval.resize_short=512",
+    # MaskCLIP's evaluation resize (mmseg's img_scale (2048, 512)) and whole-image prediction; --set changes them
+    cfg = load_config(None, ["model.name=maskclip", f"model.weights={opts['weights']}", "eval.img_scale=[2048, 512]",
+                             "eval.align_corners=false",
                              *(opts.get("sets") or [])])
     cfg["dataset"]["num_classes"] = len(classes)  # the labeler's own class space, not a dataset's
     m = cfg["model"]
     encoder = MaskClipViT.from_file(opts["weights"], act=m["vit_act"], ln_eps=m["vit_ln_eps"], out_indices=())
     text, owner = ensemble_embeddings(opts["weights"], classes, templates("maskclip"))
-    model = MaskCLIP(encoder, text, owner, len(classes)).to(device).eval()
+    model = MaskCLIP(encoder, text, owner, len(classes), m["renorm_clip"], m["maskclip_pd"], m["maskclip_ks"])
+    model = model.to(device).eval()
     names = [c if isinstance(c, str) else (c[0] if isinstance(c[0], str) else c[0][0]) for c in classes]
     return Labeler(lambda x, size: probabilities(predict(model, x, cfg, out_size=size), cfg), names,
-                   voc_palette(256), cfg["eval"]["resize_short"], cfg)
+                   voc_palette(256), eval_resize_of(cfg), cfg)
 
 
 # --model -> the labeler builder (options dict, device) -> Labeler
