@@ -13,6 +13,8 @@ frozen encoder and class text buffers, CLIP-normalised input, no trainable param
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -126,6 +128,9 @@ def build_maskclip(cfg: dict) -> MaskCLIP:
     m, k = cfg["model"], cfg["dataset"]["num_classes"]
     names = load_class_text(m["class_text"], cfg)
     if m["weights"]:
+        if not Path(m["weights"]).is_file():
+            raise UserError(f"{m['weights']}: model.weights file not found; make it with "
+                            f"`semiseg convert-weights openai-clip ViT-B-16.pt {m['weights']}`")
         encoder = MaskClipViT.from_file(m["weights"], act=m["vit_act"], ln_eps=m["vit_ln_eps"], out_indices=())
         text, owner = ensemble_embeddings(m["weights"], names, templates("maskclip"))
     else:

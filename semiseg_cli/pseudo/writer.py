@@ -111,7 +111,7 @@ def generate(labeler: Labeler, images: str | Path, out: str | Path, env: DistEnv
         stats[5] += label.size - kept.size
         stats[6:] += torch.from_numpy(np.bincount(kept, minlength=k)[:k].astype(np.float64))
     stats[2] = len(failed)
-    all_reduce_sum(stats)
+    stats = all_reduce_sum(stats.to(env.device)).cpu()  # NCCL reduces device tensors only
     barrier()  # every shard written before the merged list
     if lines is not None and env.is_main:
         write_split(list_file, [line for f, line in zip(files, lines) if _paths(out, f.stem)["label"].is_file()])
