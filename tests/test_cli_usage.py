@@ -56,7 +56,7 @@ def _subcommands() -> list[list[str]]:
 
 def test_every_subcommand_of_the_contract_is_there():
     have = {" ".join(c) for c in _subcommands()}
-    assert {"prepare-data", "convert-weights", "train", "eval", "infer", "recipes", "config show"} <= have
+    assert {"prepare-data", "convert-weights", "gen-pseudo", "train", "eval", "infer", "recipes", "config show"} <= have
 
 
 @pytest.mark.parametrize("command", _subcommands(), ids=" ".join)
