@@ -81,3 +81,10 @@ def test_shell_completion_is_available():
     proc = semiseg("--show-completion", "bash")
     assert proc.returncode == 0 and "_SEMISEG_COMPLETE" in proc.stdout
     assert "--install-completion" in semiseg("--help").stdout
+
+
+def test_the_cli_starts_without_importing_torch():
+    """`semiseg --help`, a typo, `config show` stay instant: torch is imported by the commands that need it."""
+    code = "import sys, semiseg_cli.cli; print(sorted(m for m in ('torch', 'cv2', 'timm') if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr

@@ -20,7 +20,6 @@ from typing import Callable
 
 import numpy as np
 
-from semiseg_cli.data.transforms import eval_resize_of
 from semiseg_cli.errors import UserError, unknown_name
 
 
@@ -42,6 +41,7 @@ class Labeler:
 
 def checkpoint_labeler(opts: dict, device) -> Labeler:
     from semiseg_cli.data.facts import class_names, palette
+    from semiseg_cli.data.transforms import eval_resize_of
     from semiseg_cli.engine.checkpoint import model_from_checkpoint
     from semiseg_cli.engine.infer import checkpoint_scores
 
@@ -82,6 +82,7 @@ def read_classes(spec: str) -> list:
 def maskclip_labeler(opts: dict, device) -> Labeler:
     from semiseg_cli.config import load_config
     from semiseg_cli.data.facts import voc_palette
+    from semiseg_cli.data.transforms import eval_resize_of
     from semiseg_cli.engine.evaluate import predict, probabilities
     from semiseg_cli.models.clip_vit import MaskClipViT
     from semiseg_cli.models.maskclip import MaskCLIP
