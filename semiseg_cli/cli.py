@@ -32,19 +32,14 @@ RecipeOpt = typer.Option(None, "--recipe", "-r", help="Recipe name (see `semiseg
 SetOpt = typer.Option(None, "--set", "-s", help="Override a config key, e.g. --set train.iters=100 (repeatable; values are YAML).")
 
 
-def _choice(key: str, value):
-    """A --option whose values are the config schema's choices for `key` (did-you-mean on a typo)."""
-    if value is not None and value not in CHOICES[key]:
-        raise typer.BadParameter(f"{value!r} is not one of {', '.join(CHOICES[key])}{did_you_mean(value, CHOICES[key])}")
-    return value
-
-
-def _registry_choice(table: str, value):
-    """A --option whose values are the keys of a registry (did-you-mean on a typo)."""
-    options = {"LABELERS": LABELERS}[table]
-    if value is not None and value not in options:
-        raise typer.BadParameter(f"{value!r} is not one of {', '.join(options)}{did_you_mean(value, options)}")
-    return value
+def _one_of(options):
+    """The callback of an --option whose values are `options` (a schema choice list or a registry's
+    keys): a typo is a usage error with a did-you-mean."""
+    def check(value):
+        if value is not None and value not in options:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(options)}{did_you_mean(value, options)}")
+        return value
+    return check
 
 
 def _version(value: bool):
@@ -166,7 +161,7 @@ def _model_from_checkpoint(run: Optional[Path], checkpoint: Optional[Path], reci
 def eval_cmd(run: Optional[Path] = typer.Option(None, "--run", help="Run folder (uses best.pt, else last.pt)."),
              checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A checkpoint file."),
              recipe: Optional[str] = RecipeOpt, sets: Optional[List[str]] = SetOpt,
-             mode: Optional[str] = typer.Option(None, "--mode", callback=lambda v: _choice("eval.mode", v),
+             mode: Optional[str] = typer.Option(None, "--mode", callback=_one_of(CHOICES["eval.mode"]),
                                                 help=f"{' | '.join(CHOICES['eval.mode'])} (overrides eval.mode)."),
              as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON.")):
     """Evaluate a checkpoint on the validation list: per-class IoU table, mIoU, pixel accuracy."""
@@ -231,7 +226,7 @@ def infer_cmd(checkpoint: Path = typer.Option(..., "--checkpoint", help="A check
     "--images photos/ --out maskclip-labels --save-scores\n\n"
     "  torchrun --nproc_per_node=4 -m semiseg_cli gen-pseudo ...   (images sharded over the processes)\n\n"
     "Writes OUT/<stem>.png (index PNG), OUT/conf/<stem>.png, OUT/scores/<stem>.npy; a second run skips finished images."))
-def gen_pseudo_cmd(model: str = typer.Option(..., "--model", "-m", callback=lambda v: _registry_choice("LABELERS", v),
+def gen_pseudo_cmd(model: str = typer.Option(..., "--model", "-m", callback=_one_of(LABELERS),
                                              help=f"The labeler: {', '.join(LABELERS)}."),
                    images: Path = typer.Option(..., "--images", help="A folder, an image file, or a text file listing images."),
                    out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder."),
@@ -260,13 +255,11 @@ def gen_pseudo_cmd(model: str = typer.Option(..., "--model", "-m", callback=lamb
                            batch_size, workers=min(labeler.cfg["train"]["workers"], 2), crf=crf)
     finally:
         cleanup()
+    failed_here = summary.pop("failed_files")
     if env.is_main:
-        shown = {**summary, "failed": summary["failed_total"]}
-        del shown["failed_total"]
-        stdout.print(json.dumps(shown))
-    if summary["failed_total"]:
-        raise UserError(f"{summary['failed_total']} image(s) could not be read"
-                        + (": " + "; ".join(summary["failed"]) if summary["failed"] else ""))
+        stdout.print(json.dumps(summary))
+    if summary["failed"]:
+        raise UserError(f"{summary['failed']} image(s) could not be read" + (": " + "; ".join(failed_here) if failed_here else ""))
 
 
 @app.command("convert-weights", epilog=(

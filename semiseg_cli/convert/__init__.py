@@ -23,9 +23,10 @@ FORMATS: dict[str, str] = {
     "open-clip": "semiseg_cli.convert.clip",
     "unimatch-checkpoint": "semiseg_cli.convert.unimatch_checkpoint",
 }
-# options -> the formats that take them (--model-name: the open_clip config giving the activation;
-# --recipe: the recipe a trained checkpoint was trained with)
-OPTIONS = {"model_name": {"open-clip"}, "recipe": {"unimatch-checkpoint"}}
+# option -> (its flag, the formats that take it): --model-name, the open_clip config giving the activation;
+# --recipe / --set, the recipe a trained checkpoint was trained with
+OPTIONS = {"model_name": ("--model-name", {"open-clip"}), "recipe": ("--recipe", {"unimatch-checkpoint"}),
+           "sets": ("--set", {"unimatch-checkpoint"})}
 
 
 def convert(fmt: str, src: str, dst: str | Path, backbone: str | None = None, quiet: bool = False,
@@ -44,14 +45,13 @@ def convert(fmt: str, src: str, dst: str | Path, backbone: str | None = None, qu
 
     if fmt not in FORMATS:
         raise unknown_name("format", fmt, FORMATS)
-    options = {"model_name": model_name, "recipe": recipe}
+    options = {"model_name": model_name, "recipe": recipe, "sets": list(sets) or None}
     for name, value in options.items():
-        if value is not None and fmt not in OPTIONS[name]:
-            flag = "--" + name.replace("_", "-")
-            raise UserError(f"{flag} does not apply to the {fmt} format (only to {', '.join(sorted(OPTIONS[name]))})")
+        flag, formats = OPTIONS[name]
+        if value is not None and fmt not in formats:
+            raise UserError(f"{flag} does not apply to the {fmt} format (only to {', '.join(sorted(formats))})")
     module = importlib.import_module(FORMATS[fmt])
-    result = module.convert(fmt, src, backbone, **{k: v for k, v in options.items() if fmt in OPTIONS[k]},
-                            **({"sets": list(sets)} if fmt in OPTIONS["recipe"] else {}))
+    result = module.convert(fmt, src, backbone, **{k: v for k, v in options.items() if v is not None})
     if not quiet:
         print_mapping(result.mapping, result.reasons)
     dst = Path(dst)

@@ -75,7 +75,7 @@ def predict_images(score_fn, files: list[Path], resize: dict | None, device: tor
 
     Args:
         score_fn: normalised image batch [B, 3, h, w], out_size (H, W) -> per-class scores [B, K, H, W]
-            (`checkpoint_scores` for a trained model).
+            (`model_scores` for a model run as `eval` runs it).
         resize: `transforms.eval_resize` arguments for the network input (`eval_resize_of(cfg)`); scores are
             always at the original size.
         crf: dense-CRF parameters (the `crf` config section) to refine the scores with, or None.
@@ -109,8 +109,8 @@ def predict_images(score_fn, files: list[Path], resize: dict | None, device: tor
         yield from flush()
 
 
-def checkpoint_scores(model, cfg: dict):
-    """The score function of a trained model: softmax probabilities of the prediction `eval` makes
+def model_scores(model, cfg: dict):
+    """The score function of a model: softmax probabilities of the prediction `eval` makes
     (its eval.mode, scales and flip; engine/evaluate.py `predict` and `probabilities`)."""
     from semiseg_cli.engine.evaluate import predict, probabilities
 
@@ -129,7 +129,7 @@ def infer(model, cfg: dict, images: str | Path, out: str | Path, device: torch.d
         (out / "overlay").mkdir(exist_ok=True)
     pal = palette(cfg["dataset"]["name"])
     failed, written = [], 0
-    for i, image, scores in predict_images(checkpoint_scores(model, cfg), files, eval_resize_of(cfg), device,
+    for i, image, scores in predict_images(model_scores(model, cfg), files, eval_resize_of(cfg), device,
                                            batch_size, workers, cfg["crf"] if crf else None):
         if image is None:
             failed.append(scores)

@@ -18,6 +18,7 @@ The model contract (what the trainer, the methods, `eval`, `infer` and `gen-pseu
 from __future__ import annotations
 
 import importlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -27,16 +28,23 @@ from semiseg_cli.errors import UserError, did_you_mean
 from semiseg_cli.io import key_mismatches
 
 
+@contextmanager
+def timm_name_errors(backbone: str):
+    """timm's error for an unknown model name becomes a UserError naming model.backbone."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "Unknown model" in str(e) or "Invalid model" in str(e):
+            raise UserError(f"model.backbone = {backbone!r} is not a timm model: {e}") from None
+        raise
+
+
 def build_deeplabv3plus(cfg: dict) -> nn.Module:
     from semiseg_cli.models.deeplabv3plus import DeepLabV3Plus
 
     m = cfg["model"]
-    try:
+    with timm_name_errors(m["backbone"]):
         model = DeepLabV3Plus(m["backbone"], cfg["dataset"]["num_classes"], m["output_stride"], m["head_channels"])
-    except RuntimeError as e:  # timm: unknown model name
-        if "Unknown model" in str(e) or "Invalid model" in str(e):
-            raise UserError(f"model.backbone = {m['backbone']!r} is not a timm model: {e}") from None
-        raise
     if m["weights"]:
         load_backbone_weights(model, m["weights"], convert_hint(m["backbone"], m["weights"]))
     return model

@@ -121,20 +121,28 @@ def build_maskclip(cfg: dict) -> MaskCLIP:
     embedded with the 85-template prompt ensemble. Without weights: a random `model.backbone` ViT and random
     unit text (tests, CPU pipelines). `model.renorm_clip` feeds CLIP-normalised images; `model.vit_act` /
     `model.vit_ln_eps` give the mmseg port's exact GELU and eps 1e-6 (default) or CLIP's quick_gelu and 1e-5."""
-    from semiseg_cli.models.prompts import templates
     from semiseg_cli.models.semivl import embed_class_text, load_class_text, vit_arch
-    from semiseg_cli.models.text_embeddings import ensemble_embeddings
 
-    m, k = cfg["model"], cfg["dataset"]["num_classes"]
+    m = cfg["model"]
     names = load_class_text(m["class_text"], cfg)
     if m["weights"]:
-        if not Path(m["weights"]).is_file():
-            raise UserError(f"{m['weights']}: model.weights file not found; make it with "
-                            f"`semiseg convert-weights openai-clip ViT-B-16.pt {m['weights']}`")
-        encoder = MaskClipViT.from_file(m["weights"], act=m["vit_act"], ln_eps=m["vit_ln_eps"], out_indices=())
-        text, owner = ensemble_embeddings(m["weights"], names, templates("maskclip"))
-    else:
-        encoder = MaskClipViT(**vit_arch(m["backbone"]), img_size=cfg["train"]["crop_size"], act=m["vit_act"],
-                              ln_eps=m["vit_ln_eps"], out_indices=())
-        text, owner = embed_class_text(cfg, names, average=False, seed=0)
-    return MaskCLIP(encoder, text, owner, k, m["renorm_clip"], m["maskclip_pd"], m["maskclip_ks"])
+        return maskclip_from_weights(m, names)
+    encoder = MaskClipViT(**vit_arch(m["backbone"]), img_size=cfg["train"]["crop_size"], act=m["vit_act"],
+                          ln_eps=m["vit_ln_eps"], out_indices=())
+    text, owner = embed_class_text(cfg, names, average=False, seed=0)
+    return MaskCLIP(encoder, text, owner, len(names), m["renorm_clip"], m["maskclip_pd"], m["maskclip_ks"])
+
+
+def maskclip_from_weights(m: dict, classes: list) -> MaskCLIP:
+    """MaskCLIP from the converted CLIP file `m["weights"]` (the `model` config section gives the ViT
+    settings, the input normalisation and PD/KS) for a nested class list, each name embedded with the
+    85-template prompt ensemble."""
+    from semiseg_cli.models.prompts import templates
+    from semiseg_cli.models.text_embeddings import ensemble_embeddings
+
+    if not Path(m["weights"]).is_file():
+        raise UserError(f"{m['weights']}: model.weights file not found; make it with "
+                        f"`semiseg convert-weights openai-clip ViT-B-16.pt {m['weights']}`")
+    encoder = MaskClipViT.from_file(m["weights"], act=m["vit_act"], ln_eps=m["vit_ln_eps"], out_indices=())
+    text, owner = ensemble_embeddings(m["weights"], classes, templates("maskclip"))
+    return MaskCLIP(encoder, text, owner, len(classes), m["renorm_clip"], m["maskclip_pd"], m["maskclip_ks"])

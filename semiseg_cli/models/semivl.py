@@ -38,16 +38,38 @@ SKIP_BLOCKS: dict[str, tuple[int, int]] = {"clip-vit-b16": (0, 4), "clip-vit-tin
 CLASS_NAMES_DIR = Path(__file__).resolve().parents[1] / "data" / "class_names"
 
 
+def read_class_list(spec: str) -> list:
+    """A nested class list: a bundled one (data/class_names/<spec>.json) or a JSON file. Each class is a name
+    or a list of concepts; a concept is a name or a list of synonyms."""
+    path = Path(spec)
+    if not path.is_file():
+        path = CLASS_NAMES_DIR / f"{spec}.json"
+        if not path.is_file():
+            have = sorted(p.stem for p in CLASS_NAMES_DIR.glob("*.json"))
+            raise UserError(f"class-name list {spec!r} not found (neither a bundled list nor a JSON file)"
+                            f"{did_you_mean(spec, have)}; choose one of: {', '.join(have)}")
+    try:
+        classes = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not a readable JSON class list ({e})") from None
+
+    def ok(entry, depth):
+        return isinstance(entry, str) or (depth < 2 and isinstance(entry, list) and entry
+                                          and all(ok(e, depth + 1) for e in entry))
+
+    if not isinstance(classes, list) or not classes or not all(ok(c, 0) for c in classes):
+        raise UserError(f"{path}: expected a JSON list of classes, each a name or a list of concepts "
+                        '(a concept: a name or a list of synonyms), e.g. ["aeroplane", ["background", "sky"]]')
+    return classes
+
+
 def load_class_text(name: str | None, cfg: dict) -> list:
-    """A class-name list: `name` from data/class_names/<name>.json (possibly nested: concepts per class),
-    or the dataset's class names when None."""
+    """The class list `name` (`read_class_list`) checked against dataset.num_classes, or the dataset's class
+    names when None."""
     if name is None:
         return class_names(cfg["dataset"]["name"], cfg["dataset"]["root"])
-    path = CLASS_NAMES_DIR / f"{name}.json"
-    if not path.is_file():
-        have = sorted(p.stem for p in CLASS_NAMES_DIR.glob("*.json"))
-        raise UserError(f"class-name list {name!r} not found{did_you_mean(name, have)}; choose one of: {', '.join(have)}")
-    names = json.loads(path.read_text())
+    names = read_class_list(name)
+    path = name
     if len(names) != cfg["dataset"]["num_classes"]:
         raise UserError(f"{path}: {len(names)} classes, but dataset.num_classes is {cfg['dataset']['num_classes']}")
     return names

@@ -37,7 +37,6 @@ ARCHS = {
     "DeepLabV3Plus": (16, 16), "Linknet": (32, 32), "MAnet": (32, 32), "PAN": (16, 128), "UPerNet": (32, 32),
     "Segformer": (32, 32),
 }
-SMP_ARCHS = tuple(ARCHS)
 
 
 def _padded(size: int, multiple: int, minimum: int) -> int:
@@ -72,12 +71,10 @@ class SmpModel(nn.Module):
                             f"choose one of: {', '.join(ARCHS)}")
         import segmentation_models_pytorch as smp
 
-        try:
+        from semiseg_cli.models import timm_name_errors
+
+        with timm_name_errors(backbone):
             net = smp.create_model(arch, encoder_name=f"tu-{backbone}", encoder_weights=None, classes=num_classes)
-        except RuntimeError as e:  # timm: unknown model name
-            if "Unknown model" in str(e) or "Invalid model" in str(e):
-                raise UserError(f"model.backbone = {backbone!r} is not a timm model: {e}") from None
-            raise
         self.multiple, self.min_size = ARCHS[arch]
         self.backbone = net.encoder
         self.head = SmpHead(net.decoder, net.segmentation_head)

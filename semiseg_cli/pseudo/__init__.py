@@ -13,9 +13,7 @@ sharded over torchrun processes). Labelers are looked up by `--model` in `LABELE
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -43,69 +41,36 @@ def checkpoint_labeler(opts: dict, device) -> Labeler:
     from semiseg_cli.data.facts import class_names, palette
     from semiseg_cli.data.transforms import eval_resize_of
     from semiseg_cli.engine.checkpoint import model_from_checkpoint
-    from semiseg_cli.engine.infer import checkpoint_scores
+    from semiseg_cli.engine.infer import model_scores
 
     if not opts.get("checkpoint"):
         raise UserError("gen-pseudo --model checkpoint needs --checkpoint FILE (best.pt / last.pt of a run)")
     cfg, model = model_from_checkpoint(opts["checkpoint"], None, opts.get("sets") or [])
     ds = cfg["dataset"]
-    return Labeler(checkpoint_scores(model.to(device), cfg), class_names(ds["name"], ds["root"]), palette(ds["name"]),
+    return Labeler(model_scores(model.to(device), cfg), class_names(ds["name"], ds["root"]), palette(ds["name"]),
                    eval_resize_of(cfg), cfg)
-
-
-def read_classes(spec: str) -> list:
-    """A nested class list: a bundled set (data/class_names/<name>.json) or a JSON file (class -> a name or a
-    list of concepts; a concept is a name or a list of synonyms)."""
-    from semiseg_cli.models.semivl import CLASS_NAMES_DIR
-
-    path = Path(spec)
-    if not path.is_file():
-        bundled = {p.stem: p for p in CLASS_NAMES_DIR.glob("*.json")}
-        if spec not in bundled:
-            raise unknown_name("class set (or JSON file)", spec, sorted(bundled))
-        path = bundled[spec]
-    try:
-        classes = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not a readable JSON class list ({e})") from None
-
-    def ok(entry, depth):
-        return isinstance(entry, str) or (depth < 2 and isinstance(entry, list) and entry
-                                          and all(ok(e, depth + 1) for e in entry))
-
-    if not isinstance(classes, list) or not classes or not all(ok(c, 0) for c in classes):
-        raise UserError(f"{path}: expected a JSON list of classes, each a name or a list of concepts "
-                        '(a concept: a name or a list of synonyms), e.g. ["aeroplane", ["background", "sky"]]')
-    return classes
 
 
 def maskclip_labeler(opts: dict, device) -> Labeler:
     from semiseg_cli.config import load_config
     from semiseg_cli.data.facts import voc_palette
     from semiseg_cli.data.transforms import eval_resize_of
-    from semiseg_cli.engine.evaluate import predict, probabilities
-    from semiseg_cli.models.clip_vit import MaskClipViT
-    from semiseg_cli.models.maskclip import MaskCLIP
-    from semiseg_cli.models.prompts import templates
-    from semiseg_cli.models.text_embeddings import ensemble_embeddings
+    from semiseg_cli.engine.infer import model_scores
+    from semiseg_cli.models.maskclip import maskclip_from_weights
+    from semiseg_cli.models.semivl import read_class_list
 
     if not opts.get("weights") or not opts.get("classes"):
         raise UserError("gen-pseudo --model maskclip needs --weights FILE (from `semiseg convert-weights openai-clip`) "
                         "and --classes NAME|FILE")
-    classes = read_classes(opts["classes"])
+    classes = read_class_list(opts["classes"])
     # MaskCLIP's evaluation resize (mmseg's img_scale (2048, 512)) and whole-image prediction; --set changes them
     cfg = load_config(None, ["model.name=maskclip", f"model.weights={opts['weights']}", "eval.img_scale=[2048, 512]",
                              "eval.align_corners=false",
                              *(opts.get("sets") or [])])
     cfg["dataset"]["num_classes"] = len(classes)  # the labeler's own class space, not a dataset's
-    m = cfg["model"]
-    encoder = MaskClipViT.from_file(opts["weights"], act=m["vit_act"], ln_eps=m["vit_ln_eps"], out_indices=())
-    text, owner = ensemble_embeddings(opts["weights"], classes, templates("maskclip"))
-    model = MaskCLIP(encoder, text, owner, len(classes), m["renorm_clip"], m["maskclip_pd"], m["maskclip_ks"])
-    model = model.to(device).eval()
+    model = maskclip_from_weights(cfg["model"], classes).to(device)
     names = [c if isinstance(c, str) else (c[0] if isinstance(c[0], str) else c[0][0]) for c in classes]
-    return Labeler(lambda x, size: probabilities(predict(model, x, cfg, out_size=size), cfg), names,
-                   voc_palette(256), eval_resize_of(cfg), cfg)
+    return Labeler(model_scores(model, cfg), names, voc_palette(256), eval_resize_of(cfg), cfg)
 
 
 # --model -> the labeler builder (options dict, device) -> Labeler

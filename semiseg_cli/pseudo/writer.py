@@ -48,8 +48,8 @@ def generate(labeler: Labeler, images: str | Path, out: str | Path, env: DistEnv
              list_root: str | Path | None = None, batch_size: int = 4, workers: int = 2, crf: bool = False) -> dict:
     """Label every image of `images` into `out` (see the module docstring).
 
-    Returns the summary (over all processes): written, skipped (already done), failed (their error lines, this
-    process's), mean_confidence and ignored_fraction over the written pixels, class_histogram (fraction of the
+    Returns the summary (over all processes): written, skipped (already done), failed (a count; this process's
+    error lines in failed_files), mean_confidence and ignored_fraction over the written pixels, class_histogram (fraction of the
     written non-ignored pixels per class), and the list file.
     """
     files = list_images(images)
@@ -117,7 +117,7 @@ def generate(labeler: Labeler, images: str | Path, out: str | Path, env: DistEnv
         write_split(list_file, [line for f, line in zip(files, lines) if _paths(out, f.stem)["label"].is_file()])
     pixels, kept = float(stats[4]), float(stats[4] - stats[5])
     return {
-        "written": int(stats[0]), "skipped": int(stats[1]), "failed": failed, "failed_total": int(stats[2]),
+        "written": int(stats[0]), "skipped": int(stats[1]), "failed": int(stats[2]), "failed_files": failed,
         "mean_confidence": round(float(stats[3]) / pixels, 4) if pixels else None,
         "ignored_fraction": round(float(stats[5]) / pixels, 4) if pixels else None,
         "class_histogram": {n: round(float(c) / kept, 4) if kept else 0.0 for n, c in zip(labeler.class_names, stats[6:])},
