@@ -16,7 +16,7 @@ from semiseg_cli.console import out as stdout
 from semiseg_cli.config import CHOICES
 from semiseg_cli.convert import FORMATS
 from semiseg_cli.data.prepare import CONVERTERS as PREPARE_CONVERTERS
-from semiseg_cli.pseudo import LABELERS
+from semiseg_cli.pseudo import LABELERS, PRECISIONS
 from semiseg_cli.errors import UserError, did_you_mean
 
 app = typer.Typer(
@@ -224,6 +224,8 @@ def infer_cmd(checkpoint: Path = typer.Option(..., "--checkpoint", help="A check
     "--save-conf --list data/voc/splits/pseudo/labeled.txt --root data/voc   (then: train --set dataset.split=pseudo)\n\n"
     "  semiseg gen-pseudo --model maskclip --weights weights/clip_vitb16.pt --classes voc12_wbg_classes_w_concepts4 "
     "--images photos/ --out maskclip-labels --save-scores\n\n"
+    "  semiseg gen-pseudo --model sed --weights weights/sed_l.pt --classes sed_voc21 --images data/coco/images/train2017 "
+    "--out data/coco/pseudo_voc --list data/coco/splits/ood_voc.txt --root data/coco --precision bf16 --batch-size 4\n\n"
     "  torchrun --nproc_per_node=4 -m semiseg_cli gen-pseudo ...   (images sharded over the processes)\n\n"
     "Writes OUT/<stem>.png (index PNG), OUT/conf/<stem>.png, OUT/scores/<stem>.npy; a second run skips finished images."))
 def gen_pseudo_cmd(model: str = typer.Option(..., "--model", "-m", callback=_one_of(LABELERS),
@@ -231,8 +233,12 @@ def gen_pseudo_cmd(model: str = typer.Option(..., "--model", "-m", callback=_one
                    images: Path = typer.Option(..., "--images", help="A folder, an image file, or a text file listing images."),
                    out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder."),
                    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="checkpoint: a trained run's best.pt / last.pt."),
-                   weights: Optional[Path] = typer.Option(None, "--weights", help="maskclip: converted CLIP weights (convert-weights openai-clip)."),
-                   classes: Optional[str] = typer.Option(None, "--classes", help="maskclip: a bundled class set or a JSON file (class -> concepts -> synonyms)."),
+                   weights: Optional[Path] = typer.Option(None, "--weights", help="maskclip: converted CLIP weights (convert-weights openai-clip); sed: convert-weights sed."),
+                   classes: Optional[str] = typer.Option(None, "--classes", help="maskclip, sed: a bundled class set (sed: sed_voc21, sed_context60) or a JSON file (class -> concepts -> synonyms, or SED's {class_names, groups})."),
+                   precision: str = typer.Option("fp32", "--precision", callback=_one_of(PRECISIONS),
+                                                 help=f"sed: {', '.join(PRECISIONS)} (tf32: TF32 matmuls on a GPU; bf16: autocast)."),
+                   input_size: Optional[int] = typer.Option(None, "--input-size", min=32,
+                                                            help="sed: the square network input (SED's 768; a multiple of 32)."),
                    ignore_below: Optional[float] = typer.Option(None, "--ignore-below", min=0.0, max=1.0,
                                                                 help="Label 255 where the max score is below this."),
                    save_conf: bool = typer.Option(False, "--save-conf", help="Also write OUT/conf/<stem>.png = round(255 x max score)."),
@@ -250,7 +256,8 @@ def gen_pseudo_cmd(model: str = typer.Option(..., "--model", "-m", callback=_one
     env = init_distributed()
     try:
         labeler = build_labeler(model, {"checkpoint": checkpoint, "weights": weights, "classes": classes,
-                                        "sets": sets or []}, env.device)
+                                        "precision": precision, "input_size": input_size, "sets": sets or []},
+                                env.device)
         summary = generate(labeler, images, out_dir, env, ignore_below, save_conf, save_scores, list_file, root,
                            batch_size, workers=min(labeler.cfg["train"]["workers"], 2), crf=crf)
     finally:
@@ -273,6 +280,8 @@ def gen_pseudo_cmd(model: str = typer.Option(..., "--model", "-m", callback=_one
     "  semiseg convert-weights open-clip open_clip_model.safetensors weights/clip_vitb16.pt --model-name ViT-B-16\n\n"
     "  semiseg convert-weights unimatch-checkpoint exp/unimatch_92/best.pth runs/unimatch-92/best.pt --recipe unimatch-voc-92"
     "   (a released UniMatch / FixMatch / PrevMatch / SemiOVS model: then eval / infer / gen-pseudo --checkpoint)\n\n"
+    "  semiseg convert-weights sed pretrained/sed_model_large.pth weights/sed_l.pt   (SED-L; also writes "
+    "weights/sed_l.text.pt: then gen-pseudo --model sed)\n\n"
     "Then train with --set model.weights=weights/....pt"))
 def convert_weights(fmt: str = typer.Argument(..., metavar="FORMAT", help=", ".join(FORMATS) + "."),
                     src: str = typer.Argument(..., help="The original weights file ('-': the packaged file, where one exists)."),

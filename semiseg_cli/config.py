@@ -2,7 +2,8 @@
 
 The schema is defaults.yaml itself: a key exists iff it has a default there, and its type is the
 default's type (`NULLABLE` gives the type of keys whose default is null; `OPEN` lists mappings whose
-sub-keys are free). Unknown keys, wrong types and bad choices raise UserError with a did-you-mean.
+sub-keys are free). Unknown keys, wrong types and bad choices raise UserError with a did-you-mean;
+every numeric key has its valid interval in `RANGES` (a test checks that none lacks one).
 
 Example:
     >>> cfg = load_config("supervised-synthetic", ["train.iters=100"])
@@ -12,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ DEFAULTS = Path(__file__).parent / "defaults.yaml"
 
 # Types of keys whose default is null.
 NULLABLE = {
-    "dataset.root": str, "dataset.num_classes": int, "model.weights": str, "train.iters": int,
+    "dataset.root": str, "dataset.num_classes": int, "dataset.ood_list": str, "dataset.ood_root": str, "model.weights": str, "train.iters": int,
     "eval.crop": int, "eval.stride": int, "eval.resize_short": int, "model.class_text": str,
     "model.conv_encoder": str, "model.conv_encoder_weights": str, "ssl.guidance_text": str,
     "optim.bias_weight_decay": float, "eval.img_scale": list,
@@ -48,11 +50,71 @@ CHOICES = {
     "ssl.s4mc_base": ["fixmatch", "unimatch"],
     "ssl.s4mc_neighbourhood": [4, 8],
     "ssl.conf_mode": ["pixelwise", "pixelavg"],
+    "ssl.mix_source": ["same", "shuffled"],
+    "ssl.ood_base": ["unimatch", "prevmatch", "semivl"],  # = methods/semiovs.py BASES
     "model.vit_act": ["gelu", "quick_gelu"],
     # = models/smp.py ARCHS, spelled out so that reading a config never imports torch (tests/test_smp.py checks)
     "model.arch": ["Unet", "UnetPlusPlus", "FPN", "PSPNet", "DeepLabV3", "DeepLabV3Plus", "Linknet", "MAnet", "PAN",
                    "UPerNet", "Segformer"],
+    "model.output_stride": [8, 16, 32],  # timm's dilated encoders
 }
+INF = None  # an unbounded end of a range
+# key -> (low, high, brackets): the interval of a numeric key in interval notation, "[" / "]" closed, "(" / ")"
+# open, None unbounded; e.g. (0, 1, "[)") is 0 <= x < 1. A list key's bound applies to each element, an OPEN
+# mapping's to each value; null stays allowed where the default is null. Every numeric key of defaults.yaml
+# is listed (keys in CHOICES excepted; tests/test_config_ranges.py checks).
+RANGES: dict[str, tuple] = {
+    "dataset.num_classes": (1, INF, "[)"),
+    "model.head_channels": (1, INF, "[)"),
+    "model.vit_ln_eps": (0, INF, "()"),
+    "model.maskclip_pd": (0, 1, "[]"),          # softmax-probability thresholds
+    "model.maskclip_ks": (0, 1, "[]"),
+    "train.crop_size": (16, INF, "[)"),         # smaller crops vanish at the encoders' stride
+    "train.global_batch": (1, INF, "[)"),
+    "train.epochs": (1, INF, "[)"),
+    "train.iters": (1, INF, "[)"),
+    "train.seed": (0, 2**32 - 1, "[]"),        # numpy's seed range
+    "train.eval_every": (1, INF, "[)"),
+    "train.log_every": (1, INF, "[)"),
+    "train.workers": (0, INF, "[)"),
+    "train.scale_range": (0, INF, "()"),       # and low <= high (ORDERED)
+    "train.img_scale": (1, INF, "[)"),
+    "train.ohem_thresh": (0, 1, "[]"),
+    "train.ohem_min_kept": (0, INF, "[)"),
+    "optim.lr": (0, INF, "()"),
+    "optim.weight_decay": (0, INF, "[)"),
+    "optim.momentum": (0, 1, "[)"),
+    "optim.betas": (0, 1, "[)"),
+    "optim.eps": (0, INF, "()"),
+    "optim.lr_mult": (0, INF, "[)"),           # 0 freezes a group
+    "optim.bias_lr_factor": (0, INF, "[)"),
+    "optim.bias_weight_decay": (0, INF, "[)"),
+    "optim.poly_power": (0, INF, "[)"),
+    "optim.warmup": (0, 1, "[]"),              # a fraction of the iterations
+    "optim.cosine_floor": (0, 1, "[]"),
+    "optim.constant_epochs": (0, INF, "[)"),
+    "ssl.conf_thresh": (0, 1, "[]"),
+    "ssl.s4mc_drop_percent": (0, 100, "[]"),
+    "ssl.prev_conf_thresh": (0, 1, "[]"),
+    "ssl.prev_pool_size": (1, INF, "[)"),
+    "ssl.prev_max_models": (1, INF, "[)"),
+    "ssl.guidance_conf": (0, 1, "[]"),
+    "ssl.guidance_weight": (0, INF, "[)"),
+    "ssl.ood_weight": (0, INF, "[)"),
+    "eval.crop": (1, INF, "[)"),
+    "eval.stride": (1, INF, "[)"),
+    "eval.resize_short": (1, INF, "[)"),
+    "eval.img_scale": (1, INF, "[)"),
+    "eval.scales": (0, INF, "()"),
+    "crf.iters": (0, INF, "[)"),
+    "crf.gauss_sxy": (0, INF, "()"),
+    "crf.gauss_compat": (0, INF, "[)"),
+    "crf.bilateral_sxy": (0, INF, "()"),
+    "crf.bilateral_srgb": (0, INF, "()"),
+    "crf.bilateral_compat": (0, INF, "[)"),
+}
+# [low, high] list keys: also low <= high.
+ORDERED = {"train.scale_range"}
 
 
 class _Loader(yaml.SafeLoader):
@@ -85,9 +147,12 @@ def parse_yaml(text: str, where: str) -> Any:
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                        "save it as UTF-8") from None
     data = parse_yaml(text, str(path))
     if data is None:
         return {}
@@ -163,6 +228,46 @@ def _coerce(key: str, value: Any, default: Any, where: str) -> Any:
     raise UserError(f"{where}: {key} must be {want.__name__}, got {value!r} ({type(value).__name__})")
 
 
+def describe_range(key: str) -> str:
+    """RANGES[key] in words: ">= 1", "> 0", "in [0, 1)"."""
+    low, high, brackets = RANGES[key]
+    if high is None:
+        return f"{'>=' if brackets[0] == '[' else '>'} {low}"
+    if low is None:
+        return f"{'<=' if brackets[1] == ']' else '<'} {high}"
+    return f"in {brackets[0]}{low}, {high}{brackets[1]}"
+
+
+def _in_range(value: Any, low, high, brackets: str) -> bool:
+    # written so that NaN fails every bound; inf fails too (no numeric key may be infinite)
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    above = low is None or (value >= low if brackets[0] == "[" else value > low)
+    below = high is None or (value <= high if brackets[1] == "]" else value < high)
+    return above and below
+
+
+def check_range(key: str, value: Any, default: Any, where: str) -> None:
+    """Raise a one-line UserError when a (coerced) value is outside RANGES[key] or an ORDERED pair is
+    reversed; null, where allowed, was already admitted by `_coerce`."""
+    if key not in RANGES or value is None:
+        return
+    if isinstance(value, dict):  # an OPEN mapping
+        items = [(f"{key}.{k}", v) for k, v in value.items()]
+    elif isinstance(value, list):
+        items = [(f"{key}[{i}]", v) for i, v in enumerate(value)]
+    else:
+        items = [(key, value)]
+    hint = f"default {'null' if default is None else repr(default)}"
+    for name, v in items:
+        if not _in_range(v, *RANGES[key]):
+            nullable = " or null" if key in NULLABLE and name == key else ""
+            raise UserError(f"{where}: {name} = {v!r} is out of range: it must be {describe_range(key)}{nullable} "
+                            f"({hint})")
+    if key in ORDERED and value[0] > value[1]:
+        raise UserError(f"{where}: {key} = {value!r} is reversed: it is [low, high] with 0 < low <= high ({hint})")
+
+
 def _suggest_key(key: str, schema) -> str:
     """Prefer a key with the same last part ("train.lr" -> "optim.lr"), else the closest spelling."""
     same_leaf = [k for k in schema if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
@@ -184,6 +289,7 @@ def _apply(cfg: dict, updates: dict[str, Any], schema: dict[str, Any], where: st
         if key in CHOICES and value not in CHOICES[key]:
             raise UserError(f"{where}: {key} = {value!r} is not one of {', '.join(map(str, CHOICES[key]))}"
                             f"{did_you_mean(value, CHOICES[key])}")
+        check_range(key, value, schema[key], where)
         _set(cfg, key, value)
 
 
@@ -212,6 +318,20 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise UserError(f"--set {pair!r}: expected key=value, e.g. --set train.iters=1000")
         out[key.strip()] = parse_yaml(text, f"--set {key.strip()}") if text.strip() else None
+    return out
+
+
+def check_stored(cfg: Any, where: str) -> dict:
+    """A stored resolved config (a checkpoint's), completed and checked: keys the schema gained after the file
+    was written take their defaults (so older checkpoints keep loading; every default keeps the earlier
+    behaviour), present keys must have a valid type, choice and range. Keys the schema does not know are
+    ignored (a newer or older semiseg may have written them). Returns the completed config."""
+    if not isinstance(cfg, dict):
+        raise UserError(f"{where}: its config is not a mapping of config keys; pass best.pt or last.pt of a run")
+    schema = _schema()
+    flat = flatten(cfg)
+    out = defaults()
+    _apply(out, {k: flat[k] for k in schema if k in flat}, schema, f"{where}: config")
     return out
 
 
@@ -251,9 +371,7 @@ def resolve(cfg: dict) -> dict:
         ds["num_classes"] = n
     elif ds["num_classes"] != n:
         raise UserError(f"dataset.num_classes = {ds['num_classes']} but {ds['name']} has {n} classes")
-    if cfg["train"]["global_batch"] < 1 or cfg["train"]["crop_size"] < 16:
-        raise UserError("train.global_batch must be >= 1 and train.crop_size >= 16")
-    return cfg
+    return cfg  # (train.global_batch >= 1 and train.crop_size >= 16 are in RANGES)
 
 
 def dump(cfg: dict) -> str:

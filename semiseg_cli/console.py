@@ -12,7 +12,8 @@ from typing import Iterable, Iterator, TypeVar
 from rich.console import Console
 
 T = TypeVar("T")
-err = Console(stderr=True, highlight=False)
+# soft_wrap: a message is one line however long (rich would hard-wrap at 80 columns off a terminal, mid-record)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
 
 

@@ -6,8 +6,10 @@ Nothing here imports from the rest of the package except `errors`.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -21,6 +23,18 @@ def temp_path(path: Path) -> Path:
     """The temp name of an atomic write to `path`: hidden, in the same folder (so the rename is atomic),
     with the pid (two processes never share one)."""
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+# The names `temp_path` makes: ".<name>.tmp<pid>".
+_TEMP_NAME = re.compile(r"^\..+\.tmp\d+$")
+
+
+def leftover_temps(folder: Path) -> list[Path]:
+    """Temp files of atomic writes in `folder` and its direct subfolders (a run's prev_models/) whose
+    process was killed mid-write. Only safe to delete while no other process writes there (a run folder
+    under its lock)."""
+    found = [*Path(folder).glob(".*.tmp*"), *Path(folder).glob("*/.*.tmp*")]
+    return sorted(p for p in found if p.is_file() and _TEMP_NAME.match(p.name))
 
 
 def write_atomic(path: str | Path, write: Callable) -> None:
@@ -67,6 +81,20 @@ def load_file(path: str | Path):
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: not a readable PyTorch file ({first})") from None
+
+
+def state_checksum(state: dict) -> str:
+    """sha256 over a state dict's tensors in sorted key order: each key, dtype, shape and its bytes (in
+    logical, contiguous order, so a channels_last copy hashes like the original). Stored as a checkpoint's
+    "checksum" to detect weights corrupted after saving."""
+    import torch
+
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the raw bytes, whatever the dtype (bf16 too)
+    return h.hexdigest()
 
 
 def save_index_png(mask: np.ndarray, path: str | Path, palette: np.ndarray | None = None) -> None:

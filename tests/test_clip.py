@@ -250,8 +250,8 @@ def test_bad_inputs_are_one_line_user_errors(tmp_path):
     torch.save({k: v for k, v in sd.items() if k.startswith("visual.")}, tmp_path / "visual_only.pt")
     info = convert("open-clip", str(tmp_path / "visual_only.pt"), tmp_path / "ok.pt", quiet=True)
     assert "sidecars" not in info and not (tmp_path / "ok.text.pt").exists()
-    with pytest.raises(UserError, match=r"ok.text.pt: CLIP text weights not found; make them with "
-                                        r"`semiseg convert-weights openai-clip ViT-B-16.pt .*ok.pt`"):
+    with pytest.raises(UserError, match=r"ok.text.pt: CLIP text weights not found; `semiseg convert-weights` writes them beside "
+                                        r".*ok.pt \(e.g. `semiseg convert-weights openai-clip ViT-B-16.pt .*ok.pt`"):
         te.text_embeddings(tmp_path / "ok.pt", ["cat"])
 
 

@@ -33,7 +33,10 @@ def test_every_method_reads_known_streams_and_one_defines_the_epoch():
 
 
 def test_streams_yield_their_tensors_in_the_table_order(tiny_root):
-    cfg = load_config(None, [f"dataset.root={tiny_root}", "dataset.split=tiny", "train.crop_size=48"])
+    # the OOD stream reads its own list under its own root (here the tiny labeled list, masks as its labels)
+    cfg = load_config(None, [f"dataset.root={tiny_root}", "dataset.split=tiny", "train.crop_size=48",
+                             f"dataset.ood_list={tiny_root / 'splits' / 'tiny' / 'labeled.txt'}",
+                             f"dataset.ood_root={tiny_root}"])
     for name, s in STREAMS.items():
         sample = build_stream(cfg, name)[(0, 3)]
         for key, kind, t in zip(s.keys, SAMPLE_KINDS[s.sample], sample):

@@ -22,6 +22,7 @@ FORMATS: dict[str, str] = {
     "openai-clip": "semiseg_cli.convert.clip",
     "open-clip": "semiseg_cli.convert.clip",
     "unimatch-checkpoint": "semiseg_cli.convert.unimatch_checkpoint",
+    "sed": "semiseg_cli.convert.sed",
 }
 # option -> (its flag, the formats that take it): --model-name, the open_clip config giving the activation;
 # --recipe / --set, the recipe a trained checkpoint was trained with
@@ -41,7 +42,7 @@ def convert(fmt: str, src: str, dst: str | Path, backbone: str | None = None, qu
     """
     from semiseg_cli.console import err
     from semiseg_cli.convert.common import print_mapping
-    from semiseg_cli.io import save_atomic
+    from semiseg_cli.io import save_atomic, state_checksum
 
     if fmt not in FORMATS:
         raise unknown_name("format", fmt, FORMATS)
@@ -59,8 +60,8 @@ def convert(fmt: str, src: str, dst: str | Path, backbone: str | None = None, qu
     if result.config is not None:
         from semiseg_cli import __version__
 
-        save_atomic({"model": result.state, "config": result.config, "version": __version__, "converted_from": str(src)},
-                    dst)
+        save_atomic({"model": result.state, "config": result.config, "version": __version__, "converted_from": str(src),
+                     "checksum": state_checksum(result.state)}, dst)
     else:
         save_atomic(result.state, dst)
     written = []

@@ -23,8 +23,9 @@ from semiseg_cli.data.facts import IGNORE_INDEX, dataset_info
 from semiseg_cli.data.reader import load_image, load_mask
 from semiseg_cli.data.splits import read_split, split_path
 from semiseg_cli.data.streams import STREAMS
+from semiseg_cli.errors import UserError
 
-DEFAULT_SAMPLE = {"labeled": "train_l", "unlabeled": "train_u", "val": "val"}
+DEFAULT_SAMPLE = {"labeled": "train_l", "unlabeled": "train_u", "val": "val", "ood": "train_u_ood"}
 
 
 class SegDataset(Dataset):
@@ -104,6 +105,20 @@ def sample_unlabeled(ds: SegDataset, img, mask, rng, index):
     return T.to_uint8_tensor(img), T.to_uint8_tensor(u_s1), T.to_uint8_tensor(u_s2), ign, box1, box2
 
 
+def sample_ood(ds: SegDataset, img, mask, rng, index):
+    """(o_w, o_y, o_s1, o_s2, o_ign): an out-of-distribution image augmented as the unlabeled ones (same
+    rescale, crop and flip; two strong views), its pseudo-label, and the ignore mask = 255 where the label is
+    255 (crop padding, or pixels the labeler left unlabeled), whose label then reads 0 (a valid class index
+    for the per-pixel CE; the ignore mask removes it), as SemiOVS does. Its OOD sample also draws CutMix boxes
+    it never uses; they are not drawn here."""
+    img, mask = ds.train_crop(img, mask, rng, T.PAD_LABELED)
+    y = T.to_mask_tensor(mask)
+    ign = torch.where(y == IGNORE_INDEX, IGNORE_INDEX, 0)
+    y = torch.where(y == IGNORE_INDEX, 0, y)
+    o_s1, o_s2 = T.strong(img, rng), T.strong(img, rng)
+    return T.to_uint8_tensor(img), y, T.to_uint8_tensor(o_s1), T.to_uint8_tensor(o_s2), ign
+
+
 def sample_val(ds: SegDataset, img, mask, rng, index):
     """(x, y, index): the whole image (short side resized for SemiVL) and its full-size mask."""
     img = T.eval_resize(img, **ds.eval_resize)
@@ -111,17 +126,25 @@ def sample_val(ds: SegDataset, img, mask, rng, index):
 
 
 # sample function of each mode (the tensor kinds they return: data/streams.py SAMPLE_KINDS)
-SAMPLES = {"train_l": sample_labeled, "train_u": sample_unlabeled, "val": sample_val}
+SAMPLES = {"train_l": sample_labeled, "train_u": sample_unlabeled, "val": sample_val, "train_u_ood": sample_ood}
 
 
 def build_dataset(cfg: dict, split: str, sample: str | None = None, seed_offset: int = 0) -> SegDataset:
-    """The dataset of split list `split` ("labeled", "unlabeled" or "val") described by a resolved config,
-    making samples with `sample` (default: the list's own: train_l, train_u, val)."""
+    """The dataset of split list `split` ("labeled", "unlabeled", "val", or "ood": dataset.ood_list under
+    dataset.ood_root) described by a resolved config, making samples with `sample` (default: the list's own:
+    train_l, train_u, val, train_u_ood)."""
     ds, tr = cfg["dataset"], cfg["train"]
-    path = split_path(ds["name"], ds["split"], split, ds["root"])
+    root = ds["root"]
+    if split == "ood":
+        if not ds["ood_list"] or not ds["ood_root"]:
+            raise UserError("this method reads out-of-distribution images: set dataset.ood_list=FILE (a "
+                            "`gen-pseudo --list` file) and dataset.ood_root=DIR (its --root)")
+        path, root = Path(ds["ood_list"]), ds["ood_root"]
+    else:
+        path = split_path(ds["name"], ds["split"], split, root)
     items = read_split(path, need_masks=split != "unlabeled")
     return SegDataset(
-        ds["root"], items, sample or DEFAULT_SAMPLE[split], ds["num_classes"], crop_size=tr["crop_size"],
+        root, items, sample or DEFAULT_SAMPLE[split], ds["num_classes"], crop_size=tr["crop_size"],
         resize=tr["resize"], scale_range=tr["scale_range"], img_scale=tr["img_scale"],
         eval_resize=T.eval_resize_of(cfg), reduce_zero_label=dataset_info(ds["name"])["reduce_zero_label"],
         seed=tr["seed"] + seed_offset,

@@ -27,7 +27,7 @@ from semiseg_cli.console import progress
 from semiseg_cli.data.facts import IGNORE_INDEX, voc_palette
 from semiseg_cli.data.splits import read_split, write_split
 from semiseg_cli.errors import UserError, did_you_mean
-from semiseg_cli.io import save_index_png, temp_path
+from semiseg_cli.io import save_index_png, temp_path, write_text_atomic
 from semiseg_cli.resources import resource_dir
 
 Counts = tuple[int, int]  # (written, skipped)
@@ -332,6 +332,32 @@ def prepare_coco(src: Path, root: Path) -> Counts:
     return _tally(results)
 
 
+OOD_LIST = "ood_images.txt"
+
+
+def prepare_coco_ood(src: Path, root: Path) -> Counts:
+    """COCO train2017 as SemiOVS's out-of-distribution pool (specs/semiovs_sed.md §1.1): images linked to
+    `images/train2017/` (SemiOVS's layout) and `ood_images.txt`, one `images/train2017/<name>` per line, sorted:
+    the `gen-pseudo --images` list (relative to the list's folder = root). Needs only train2017.zip; COCO's
+    annotations are never used. SemiOVS's own per-target subsets (`unlabeled_coco_for_{pascal,pc60}.txt`) are
+    not public, so the pool is all of train2017. Images are read later exactly as the trainer reads them
+    (`reader.load_image`: no EXIF rotation, unlike detectron2's reader in the original labelling)."""
+    base = _find(src, ["", "images", "coco", "coco/images"], "train2017")
+    if base is None:
+        raise UserError(f"{src}: no train2017/ folder; pass --src the folder you extracted COCO's train2017.zip into")
+    names = sorted(p.name for p in (base / "train2017").iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if not names:
+        raise UserError(f"{base / 'train2017'}: no images in this folder; extract train2017.zip there")
+    results = [_link(base / "train2017" / n, root / "images" / "train2017" / n)
+               for n in progress(names, desc="coco-ood train2017")]
+    listing = root / OOD_LIST
+    text = "".join(f"images/train2017/{n}\n" for n in names)
+    if not (listing.is_file() and listing.read_text() == text):
+        write_text_atomic(listing, text)
+        results.append(True)
+    return _tally(results)
+
+
 # ---------------------------------------------------------------------------------------- CamVid
 
 _CAMVID_LUT = np.arange(256, dtype=np.uint8)
@@ -399,6 +425,7 @@ CONVERTERS: dict[str, Callable] = {
     "cityscapes": prepare_cityscapes,
     "ade20k": prepare_ade20k,
     "coco": prepare_coco,
+    "coco-ood": prepare_coco_ood,
     "camvid": prepare_camvid,
     "synthetic": prepare_synthetic,
 }

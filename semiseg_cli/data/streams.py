@@ -13,6 +13,8 @@ Tensor legend (UniMatch's names, used throughout the project):
     box1, box2  CutMix boxes of the strong views
     fp    feature-perturbed prediction (made in the model, not here)
     *_mix the same for the CutMix source batch
+    o_w, o_s1, o_s2, o_ign  an out-of-distribution image (SemiOVS): weak view, strong views, ignore mask
+    o_y   its offline pseudo-label (e.g. `gen-pseudo --model sed`); 255 = ignore, as padding
 
 Epochs and visiting rules (`stream_index`): the epoch is the length of the first stream that defines it
 (the unlabeled list for the SSL methods, the labeled list for supervised training). Every stream gets the
@@ -35,6 +37,7 @@ SAMPLE_KINDS: dict[str, tuple[str, ...]] = {
     "train_l": ("image", "label"),
     "train_u": ("image", "image", "image", "ignore", "box", "box"),
     "val": ("image", "label", "index"),
+    "train_u_ood": ("image", "label", "image", "image", "ignore"),
 }
 
 
@@ -42,17 +45,20 @@ SAMPLE_KINDS: dict[str, tuple[str, ...]] = {
 class Stream:
     """One training stream.
 
-    list: the split list it reads: "labeled" | "unlabeled" | "val" of the configured dataset split.
+    list: the split list it reads: "labeled" | "unlabeled" | "val" of the configured dataset split, or "ood"
+        (dataset.ood_list under dataset.ood_root).
     sample: the sample function (a key of SAMPLE_KINDS / data.dataset.SAMPLES).
     keys: the batch names of the sample's tensors, in order.
     seed_offset: added to train.seed for its augmentation (0 = the same draws as another stream).
     defines_epoch: the first stream of a method with this set gives the epoch length.
+    mix_source: the CutMix source, whose order `ssl.mix_source` sets (`independent_order`).
     """
     list: str
     sample: str
     keys: tuple[str, ...]
     seed_offset: int = 0
     defines_epoch: bool = False
+    mix_source: bool = False
 
 
 STREAMS: dict[str, Stream] = {
@@ -61,8 +67,16 @@ STREAMS: dict[str, Stream] = {
     # UniMatch's CutMix source: the same images in the same order (its two samplers share seed and epoch),
     # augmented independently
     "unlabeled_mix": Stream("unlabeled", "train_u", ("u_w_mix", "u_s1_mix", "u_s2_mix", "ign_mix", "box1_mix",
-                                                    "box2_mix"), seed_offset=1),
+                                                    "box2_mix"), seed_offset=1, mix_source=True),
+    # SemiOVS's out-of-distribution images with their open-vocabulary pseudo-labels (own list and root;
+    # tiled when shorter than the epoch, fully visited when longer)
+    "ood": Stream("ood", "train_u_ood", ("o_w", "o_y", "o_s1", "o_s2", "o_ign"), seed_offset=7),
 }
+
+
+def independent_order(cfg: dict, name: str) -> bool:
+    """Whether stream `name` follows its own per-epoch permutation instead of the shared one."""
+    return STREAMS[name].mix_source and cfg["ssl"]["mix_source"] == "shuffled"
 
 
 def key_kinds(names) -> dict[str, str]:
@@ -80,10 +94,13 @@ def _pass_order(n: int, seed: int, cycle: int) -> np.ndarray:
     return np.random.default_rng([seed, cycle, n]).permutation(n)
 
 
-def stream_index(epoch: int, position: int, epoch_len: int, n: int, seed: int) -> int:
+def stream_index(epoch: int, position: int, epoch_len: int, n: int, seed: int, own_order: bool = False) -> int:
     """The item of a stream of `n` items at `position` of `epoch` (epochs of `epoch_len` positions):
     tiled when n <= epoch_len, else the (epoch x epoch_len + position)-th item of a sequence of seeded
-    permutations of the n items."""
+    permutations of the n items. `own_order`: the position is first moved by the stream's own seeded
+    permutation of the epoch's positions (an independently shuffled stream)."""
+    if own_order:
+        position = int(_pass_order(epoch_len, seed + 7919, epoch)[position])
     if n <= epoch_len:
         return position % n
     cycle, offset = divmod(epoch * epoch_len + position, n)

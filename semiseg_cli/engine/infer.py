@@ -7,6 +7,7 @@ and skipped; the others are written.
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +43,19 @@ def list_images(spec: str | Path) -> list[Path]:
     return [p if p.is_absolute() else spec.parent / p for p in map(Path, lines)]
 
 
+def eval_input(img: Image.Image, short: int | None = None, scale=None) -> torch.Tensor:
+    """The network input of an evaluated model: `eval_resize`, uint8 [3, h, w] (normalised on the device)."""
+    return to_uint8_tensor(eval_resize(img, short, scale))
+
+
+def eval_input_of(cfg: dict):
+    """`eval_input` with a config's eval resize: the `prepare` function of `predict_images` for a model."""
+    return partial(eval_input, **eval_resize_of(cfg))
+
+
 class _Images(torch.utils.data.Dataset):
-    def __init__(self, files, resize: dict | None):
-        self.files, self.resize = files, resize or {}
+    def __init__(self, files, prepare):
+        self.files, self.prepare = files, prepare
 
     def __len__(self):
         return len(self.files)
@@ -54,8 +65,7 @@ class _Images(torch.utils.data.Dataset):
             img = load_image(self.files[i])
         except UserError as e:
             return i, None, None, str(e)
-        net_in = eval_resize(img, **self.resize)
-        return i, to_uint8_tensor(net_in), np.array(img), None
+        return i, self.prepare(img), np.array(img), None
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, pal: np.ndarray, alpha: float = 0.5) -> np.ndarray:
@@ -66,30 +76,30 @@ def overlay(image: np.ndarray, mask: np.ndarray, pal: np.ndarray, alpha: float =
 
 
 @torch.no_grad()
-def predict_images(score_fn, files: list[Path], resize: dict | None, device: torch.device, batch_size: int = 4,
+def predict_images(score_fn, files: list[Path], prepare, device: torch.device, batch_size: int = 4,
                    workers: int = 2, crf: dict | None = None, desc: str = "infer"):
-    """The one image-prediction loop of `infer` and `gen-pseudo`: decode `files` in DataLoader workers, stack
-    consecutive images of one size into batches of at most `batch_size`, and yield for each file, in order,
-    `(index, image uint8 [H, W, 3], scores float32 [K, H, W])`, or `(index, None, error line)` for a file that
-    cannot be read.
+    """The one image-prediction loop of `infer` and `gen-pseudo`: decode `files` in DataLoader workers, make
+    each image's network input there, stack consecutive inputs of one shape into batches of at most
+    `batch_size`, and yield for each file, in order, `(index, image uint8 [H, W, 3], scores float32 [K, H, W])`,
+    or `(index, None, error line)` for a file that cannot be read.
 
     Args:
-        score_fn: normalised image batch [B, 3, h, w], out_size (H, W) -> per-class scores [B, K, H, W]
-            (`model_scores` for a model run as `eval` runs it).
-        resize: `transforms.eval_resize` arguments for the network input (`eval_resize_of(cfg)`); scores are
-            always at the original size.
+        score_fn: (stacked inputs [B, ...] on `device`, the images' sizes [(H, W)] * B) -> per-image scores
+            [K, H, W] at each image's size (`model_scores` for a model run as `eval` runs it).
+        prepare: PIL RGB image -> the network input tensor (picklable: it runs in the workers), e.g.
+            `eval_input_of(cfg)`; images whose inputs have one shape share a batch whatever their sizes.
         crf: dense-CRF parameters (the `crf` config section) to refine the scores with, or None.
     """
     from semiseg_cli.crf import dense_crf
 
-    loader = torch.utils.data.DataLoader(_Images(files, resize), batch_size=None, num_workers=workers)
+    loader = torch.utils.data.DataLoader(_Images(files, prepare), batch_size=None, num_workers=workers)
     pending = []
 
     def flush():
-        x = normalize(torch.stack([t for _, t, _ in pending]).to(device))
-        # flush() runs before an image of another size joins, so all pending images share one size
-        scores = score_fn(x, pending[0][2].shape[:2]).float().cpu().numpy()
+        x = torch.stack([t for _, t, _ in pending]).to(device)
+        scores = score_fn(x, [image.shape[:2] for _, _, image in pending])
         for (i, _, image), s in zip(pending, scores):
+            s = s.float().cpu().numpy()
             if crf is not None:
                 s = dense_crf(image, s, crf["iters"], crf["gauss_sxy"], crf["gauss_compat"], crf["bilateral_sxy"],
                               crf["bilateral_srgb"], crf["bilateral_compat"])
@@ -101,8 +111,7 @@ def predict_images(score_fn, files: list[Path], resize: dict | None, device: tor
             yield i, None, error
             continue
         image = np.asarray(image)  # the loader's default_convert made it a tensor
-        if pending and (len(pending) == batch_size or pending[0][1].shape != tensor.shape
-                        or pending[0][2].shape != image.shape):
+        if pending and (len(pending) == batch_size or pending[0][1].shape != tensor.shape):
             yield from flush()
         pending.append((i, tensor, image))
     if pending:
@@ -110,12 +119,23 @@ def predict_images(score_fn, files: list[Path], resize: dict | None, device: tor
 
 
 def model_scores(model, cfg: dict):
-    """The score function of a model: softmax probabilities of the prediction `eval` makes
-    (its eval.mode, scales and flip; engine/evaluate.py `predict` and `probabilities`)."""
+    """The score function of a model (inputs from `eval_input_of(cfg)`): softmax probabilities of the
+    prediction `eval` makes (its eval.mode, scales and flip; engine/evaluate.py `predict` and `probabilities`),
+    one prediction per group of images of one size."""
     from semiseg_cli.engine.evaluate import predict, probabilities
 
     model.eval()
-    return lambda x, out_size: probabilities(predict(model, x, cfg, out_size=out_size), cfg)
+
+    def scores(x: torch.Tensor, sizes: list) -> list:
+        x = normalize(x)
+        out = [None] * len(sizes)
+        for size in dict.fromkeys(map(tuple, sizes)):
+            idx = [i for i, s in enumerate(sizes) if tuple(s) == size]
+            for i, p in zip(idx, probabilities(predict(model, x[idx], cfg, out_size=size), cfg)):
+                out[i] = p
+        return out
+
+    return scores
 
 
 @torch.no_grad()
@@ -129,7 +149,7 @@ def infer(model, cfg: dict, images: str | Path, out: str | Path, device: torch.d
         (out / "overlay").mkdir(exist_ok=True)
     pal = palette(cfg["dataset"]["name"])
     failed, written = [], 0
-    for i, image, scores in predict_images(model_scores(model, cfg), files, eval_resize_of(cfg), device,
+    for i, image, scores in predict_images(model_scores(model, cfg), files, eval_input_of(cfg), device,
                                            batch_size, workers, cfg["crf"] if crf else None):
         if image is None:
             failed.append(scores)

@@ -13,10 +13,13 @@ Launch:
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
+import os
 import random
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -30,14 +33,14 @@ from semiseg_cli import __version__
 from semiseg_cli.config import dump
 from semiseg_cli.console import err, progress
 from semiseg_cli.data.dataset import build_dataset, build_stream
-from semiseg_cli.data.streams import STREAMS, epoch_stream, key_kinds, stream_index
+from semiseg_cli.data.streams import STREAMS, epoch_stream, independent_order, key_kinds, stream_index
 from semiseg_cli.data.transforms import normalize
 from semiseg_cli.distributed import DistEnv, barrier, cleanup, init_distributed
-from semiseg_cli.engine.checkpoint import load_checkpoint
+from semiseg_cli.engine.checkpoint import check_fits, load_checkpoint
 from semiseg_cli.engine.evaluate import autocast_for, evaluate
 from semiseg_cli.engine.optim import build_optimizer, lr_at, set_lr
 from semiseg_cli.errors import UserError
-from semiseg_cli.io import save_atomic, write_text_atomic
+from semiseg_cli.io import leftover_temps, save_atomic, state_checksum, write_text_atomic
 from semiseg_cli.methods import METHODS
 from semiseg_cli.models import build_model
 
@@ -93,10 +96,11 @@ class RunSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, epoch_len: int, seed: int, env: DistEnv, batch: int, iters_per_epoch: int,
-                 start: int, total: int, items: int | None = None, stream_seed: int | None = None):
+                 start: int, total: int, items: int | None = None, stream_seed: int | None = None,
+                 own_order: bool = False):
         self.epoch_len, self.seed = epoch_len, seed
         self.env, self.batch, self.ipe, self.start, self.total = env, batch, iters_per_epoch, start, total
-        self.items = items
+        self.items, self.own_order = items, own_order
         self.stream_seed = seed if stream_seed is None else stream_seed
 
     def __len__(self) -> int:
@@ -110,7 +114,7 @@ class RunSampler(torch.utils.data.Sampler):
             keys = epoch_keys(self.epoch_len, self.seed, epoch, self.env.rank, self.env.world)
             for e, p in keys[offset * self.batch:(offset + n) * self.batch]:
                 yield (e, p) if self.items is None else (e, p, stream_index(e, p, self.epoch_len, self.items,
-                                                                               self.stream_seed))
+                                                                               self.stream_seed, self.own_order))
             it += n
 
 
@@ -204,6 +208,89 @@ def prepare_run_dir(out: Path, resume: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+LOCK = ".lock"
+
+
+class RunLock:
+    """OUT/.lock while a run trains there, so one run folder has one writer: JSON {pid, host, started},
+    created atomically (O_CREAT | O_EXCL) and removed when training ends, also on errors and Ctrl-C.
+
+    A lock whose process is gone (same host, no such pid: a killed run) is taken over with a warning; a
+    live holder, or one on another host (whose pid cannot be checked), is a UserError naming pid@host."""
+
+    def __init__(self, out: Path):
+        self.path = out / LOCK
+        self.mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):  # a takeover can race another process's; then look again
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._take_over_if_stale(self._read())
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.mine, f)
+            return self
+        raise UserError(f"{self.path}: could not take the run lock (another process keeps taking it)")
+
+    def _read(self) -> dict | None:
+        """The holder's record; None if the file vanished meanwhile. A holder writes it right after
+        creating the file, so an empty or partial one is read again for a moment before giving up."""
+        for _ in range(20):
+            try:
+                holder = json.loads(self.path.read_text())
+                if isinstance(holder, dict) and isinstance(holder.get("pid"), int):
+                    return holder
+            except FileNotFoundError:
+                return None
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        raise UserError(f"{self.path}: unreadable run lock; if no run is training in {self.path.parent}, delete it")
+
+    def _take_over_if_stale(self, holder: dict | None) -> None:
+        if holder is None:
+            return
+        who = f"{holder['pid']}@{holder.get('host', '?')}"
+        if holder.get("host") == self.mine["host"] and not _alive(holder["pid"]):
+            err.print(f"warning: {self.path}: taking over the lock of process {who}, which is gone "
+                      f"(started {holder.get('started', '?')})", markup=False, soft_wrap=True)
+            # unlink only if it still is that stale lock (narrows the race with a concurrent taker)
+            if self._read() == holder:
+                self.path.unlink(missing_ok=True)
+            return
+        raise UserError(f"{self.path.parent} is in use by another training run (process {who}, started "
+                        f"{holder.get('started', '?')}); wait for it, stop it, or train into another --out "
+                        f"(delete {self.path} if that run is gone)")
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if json.loads(self.path.read_text()).get("pid") == self.mine["pid"]:
+                self.path.unlink()
+        except (OSError, ValueError):
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True
+
+
+def remove_leftover_temps(out: Path) -> None:
+    """Delete temp files of atomic writes that a killed process left in the run folder (under the lock,
+    nobody else writes there)."""
+    for tmp in leftover_temps(out):
+        tmp.unlink(missing_ok=True)
+        err.print(f"warning: removed {tmp}, left over from an interrupted write", markup=False, soft_wrap=True)
+
+
 def train(cfg: dict, out: str | Path, resume: bool = False) -> dict:
     """Train `cfg` into run folder `out`; with `resume`, continue exactly where out/last.pt stopped.
 
@@ -212,7 +299,10 @@ def train(cfg: dict, out: str | Path, resume: bool = False) -> dict:
     out = Path(out)
     env = init_distributed()
     try:
-        return _loop(_setup(cfg, out, resume, env))
+        # rank 0 alone writes the run folder, so it alone takes the lock (before prepare_run_dir, so that
+        # a live run is reported as such rather than as "already holds a run")
+        with RunLock(out) if env.is_main else contextlib.nullcontext():
+            return _loop(_setup(cfg, out, resume, env))
     finally:
         cleanup()
 
@@ -243,6 +333,7 @@ def _setup(cfg: dict, out: Path, resume: bool, env: DistEnv) -> Run:
     """Run folder, model, streams, optimizer and method state; restored from out/last.pt with `resume`."""
     if env.is_main:
         prepare_run_dir(out, resume)
+        remove_leftover_temps(out)
     barrier()
     ckpt = load_checkpoint(out / "last.pt") if resume else None
     tr = cfg["train"]
@@ -273,6 +364,8 @@ def _setup(cfg: dict, out: Path, resume: bool, env: DistEnv) -> Run:
     start, best = 0, -1.0
     state = method.make_state(cfg, model, out, env) if hasattr(method, "make_state") else None
     if ckpt:
+        check_fits(model, ckpt["model"], out / "last.pt", "the model of this config (resume with the run's own "
+                   "model settings, or train into a new --out)")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -287,7 +380,8 @@ def _setup(cfg: dict, out: Path, resume: bool, env: DistEnv) -> Run:
     loaders = [torch.utils.data.DataLoader(
         ds, batch_size=per_gpu, num_workers=tr["workers"], pin_memory=cuda, generator=torch.Generator(),
         sampler=RunSampler(epoch_len, tr["seed"], env, per_gpu, iters_per_epoch, start, total, items=len(ds),
-                           stream_seed=ds.seed)) for ds in streams.values()]
+                           stream_seed=ds.seed, own_order=independent_order(cfg, name)))
+        for name, ds in streams.items()]
 
     if env.is_main:
         run_info = {"version": __version__, "git_sha": git_sha(), "world_size": env.world, "per_gpu_batch": per_gpu,
@@ -382,7 +476,8 @@ def _evaluate_and_save(run: Run, log: RunLog, it: int, epoch: int) -> dict:
         log.write({"iter": it, "epoch": epoch, "miou": result["miou"], "best_miou": run.best,
                    "miou_paper": result["miou_paper"], "pixel_acc": result["pixel_acc"]})
         err.print(f"eval @ {it}: mIoU {result['miou']:.2f} (best {run.best:.2f})")
-        checkpoint = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        weights = run.model.state_dict()
+        checkpoint = {"model": weights, "checksum": state_checksum(weights), "optimizer": run.optimizer.state_dict(),
                       "scaler": run.scaler.state_dict(), "iteration": it, "best_miou": run.best, "rng": rng,
                       "method_state": run.state.state_dict() if hasattr(run.state, "state_dict") else None,
                       "config": run.cfg, "version": __version__}

@@ -23,4 +23,5 @@ METHODS: dict[str, str] = {
     "prevmatch": "semiseg_cli.methods.prevmatch",
     "s4mc": "semiseg_cli.methods.s4mc",
     "semivl": "semiseg_cli.methods.semivl",
+    "semiovs": "semiseg_cli.methods.semiovs",
 }

@@ -109,13 +109,11 @@ def make_state(cfg: dict, model, out, env) -> PrevModelPool:
     return PrevModelPool(cfg, model, out, env)
 
 
-def train_step(model, batch: dict, ctx) -> tuple:
-    s = unimatch.streams(model, batch, ctx)
-    loss_std = unimatch.unlabeled_sum(s["loss_s1"], s["loss_s2"], s["loss_fp"])
+def prev_terms(s: dict, batch: dict, ctx) -> tuple[torch.Tensor, float] | None:
+    """(L_prev, lambda_t) on UniMatch's forward passes `s`, or None while the pool is empty."""
     pool: PrevModelPool = ctx.state
     if not pool.models:
-        return (s["loss_x"] + loss_std) / 2, unimatch.logs(s)
-
+        return None
     n_u = batch["u_w"].shape[0]
     conf_p, label_p = pseudo_label(pool.guidance(torch.cat([batch["u_w"], batch["u_w_mix"]]), ctx.iteration))
     keep_p = conf_p >= ctx.cfg["ssl"]["prev_conf_thresh"]
@@ -127,6 +125,19 @@ def train_step(model, batch: dict, ctx) -> tuple:
     loss_prev = unimatch.unlabeled_sum(unsup_ce(s["pred_u_s1"], label1, keep1, s["ign1"]),
                                        unsup_ce(s["pred_u_s2"], label2, keep2, s["ign2"]),
                                        unsup_ce(s["pred_u_w_fp"], label, keep, ign))
-    lam = guidance_weight(ctx.iteration, ctx.total)
+    return loss_prev, guidance_weight(ctx.iteration, ctx.total)
+
+
+def prev_logs(loss_prev: torch.Tensor, pool: PrevModelPool) -> dict:
+    return {"loss_prev": loss_prev.detach(), "prev_models": torch.tensor(float(len(pool.models)))}
+
+
+def train_step(model, batch: dict, ctx) -> tuple:
+    s = unimatch.streams(model, batch, ctx)
+    loss_std = unimatch.unlabeled_sum(s["loss_s1"], s["loss_s2"], s["loss_fp"])
+    prev = prev_terms(s, batch, ctx)
+    if prev is None:
+        return (s["loss_x"] + loss_std) / 2, unimatch.logs(s)
+    loss_prev, lam = prev
     loss = (s["loss_x"] + loss_std + lam * loss_prev) / (2 + lam)
-    return loss, {**unimatch.logs(s), "loss_prev": loss_prev.detach(), "prev_models": torch.tensor(float(len(pool.models)))}
+    return loss, {**unimatch.logs(s), **prev_logs(loss_prev, ctx.state)}

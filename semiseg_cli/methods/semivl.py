@@ -101,18 +101,27 @@ def pixelavg_ce(logits, label, conf, ign) -> torch.Tensor:
     return loss.sum() / valid.sum().clamp(min=1)
 
 
-def train_step(model, batch: dict, ctx) -> tuple:
-    ssl = ctx.cfg["ssl"]
-    if ssl["conf_mode"] == "pixelavg":
-        s = streams(model, batch, ctx, select=confidence_weights, loss_u=pixelavg_ce)
-    else:
-        s = streams(model, batch, ctx)  # tau threshold, UniMatch's loss
-    guide = ctx.state
+def semivl_streams(model, batch: dict, ctx, extra_weak=None) -> dict:
+    """UniMatch's streams with SemiVL's confidence mode (`ssl.conf_mode`)."""
+    if ctx.cfg["ssl"]["conf_mode"] == "pixelavg":
+        return streams(model, batch, ctx, select=confidence_weights, loss_u=pixelavg_ce, extra_weak=extra_weak)
+    return streams(model, batch, ctx, extra_weak=extra_weak)  # tau threshold, UniMatch's loss
+
+
+def guidance_terms(s: dict, batch: dict, ctx) -> tuple[torch.Tensor, dict]:
+    """lambda_t (0.25 L_mc,s1 + 0.25 L_mc,s2 + 0.5 L_mc,fp) on the unlabeled streams `s`, and its logs."""
+    ssl, guide = ctx.cfg["ssl"], ctx.state
     m, m_mix = guide.labels(torch.cat([batch["u_w"], batch["u_w_mix"]]), torch.cat([batch["ign"], batch["ign_mix"]]),
                             ssl["guidance_conf"]).chunk(2)
     loss_mc = unlabeled_sum(guidance_ce(s["pred_u_s1"], cutmix(m, m_mix, batch["box1"])),
                             guidance_ce(s["pred_u_s2"], cutmix(m, m_mix, batch["box2"])),
                             guidance_ce(s["pred_u_w_fp"], m))
     lam = guidance_weight(ctx.cfg, ctx.iteration, ctx.total)
-    loss = (s["loss_x"] + unlabeled_sum(s["loss_s1"], s["loss_s2"], s["loss_fp"])) / 2 + lam * loss_mc
-    return loss, {**logs(s), "loss_mc": loss_mc.detach(), "mc_ratio": (m != IGNORE).float().mean()}
+    return lam * loss_mc, {"loss_mc": loss_mc.detach(), "mc_ratio": (m != IGNORE).float().mean()}
+
+
+def train_step(model, batch: dict, ctx) -> tuple:
+    s = semivl_streams(model, batch, ctx)
+    loss_guide, guide_logs = guidance_terms(s, batch, ctx)
+    loss = (s["loss_x"] + unlabeled_sum(s["loss_s1"], s["loss_s2"], s["loss_fp"])) / 2 + loss_guide
+    return loss, {**logs(s), **guide_logs}

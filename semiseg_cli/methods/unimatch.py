@@ -19,17 +19,20 @@ from semiseg_cli.methods.losses import labeled_loss
 LOADERS = ("labeled", "unlabeled", "unlabeled_mix")
 
 
-def streams(model, batch: dict, ctx, select=threshold_filter, loss_u=unsup_ce) -> dict:
+def streams(model, batch: dict, ctx, select=threshold_filter, loss_u=unsup_ce, extra_weak=None) -> dict:
     """The UniMatch forward passes and losses: predictions (pred_*), targets and the four loss terms.
-    `select` picks the pseudo-labelled pixels (or weights them), `loss_u` is the unlabeled loss."""
+    `select` picks the pseudo-labelled pixels (or weights them), `loss_u` is the unlabeled loss.
+    `extra_weak`: more weak-view images that join the [x; u_w] forward (same BN batch, with FP); their
+    predictions are returned as pred_extra / pred_extra_fp (SemiOVS's OOD images)."""
     label_mix, keep_mix = select(predict_eval_mode(model, batch["u_w_mix"]), batch["ign_mix"], ctx)
     u_s1 = cutmix(batch["u_s1"], batch["u_s1_mix"], batch["box1"])
     u_s2 = cutmix(batch["u_s2"], batch["u_s2_mix"], batch["box2"])
 
     n_x, n_u = batch["x"].shape[0], batch["u_w"].shape[0]
-    preds, preds_fp = model(torch.cat([batch["x"], batch["u_w"]]), need_fp=True)
-    pred_x, pred_u_w = preds.split([n_x, n_u])
-    pred_u_w_fp = preds_fp[n_x:]
+    weak = [batch["x"], batch["u_w"]] + ([extra_weak] if extra_weak is not None else [])
+    preds, preds_fp = model(torch.cat(weak), need_fp=True)
+    pred_x, pred_u_w, pred_extra = preds[:n_x], preds[n_x:n_x + n_u], preds[n_x + n_u:]
+    pred_u_w_fp, pred_extra_fp = preds_fp[n_x:n_x + n_u], preds_fp[n_x + n_u:]
     pred_u_s1, pred_u_s2 = model(torch.cat([u_s1, u_s2])).chunk(2)
 
     ign = batch["ign"]
@@ -38,6 +41,7 @@ def streams(model, batch: dict, ctx, select=threshold_filter, loss_u=unsup_ce) -
     label2, keep2, ign2 = mix_targets(batch["box2"], label, keep, ign, label_mix, keep_mix, batch["ign_mix"])
     return {
         "pred_u_s1": pred_u_s1, "pred_u_s2": pred_u_s2, "pred_u_w_fp": pred_u_w_fp, "ign1": ign1, "ign2": ign2,
+        "label": label, "keep": keep, "pred_extra": pred_extra, "pred_extra_fp": pred_extra_fp,
         "loss_x": labeled_loss(pred_x, batch["y"], ctx.cfg),
         "loss_s1": loss_u(pred_u_s1, label1, keep1, ign1),
         "loss_s2": loss_u(pred_u_s2, label2, keep2, ign2),

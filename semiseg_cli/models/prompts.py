@@ -4,6 +4,8 @@
     maskclip   MaskCLIP's 85: CLIP's 80 ImageNet templates and 5 scene templates (data/prompt_templates/
                maskclip85.json, copied from chongzhou96/MaskCLIP tools/maskclip_utils/prompt_engineering.py,
                Apache-2.0, LICENSE.maskclip beside it; specs/simseg.md §4)
+    imagenet80 CLIP's 80 ImageNet templates, SED's `IMAGENET_TEMPLATES` (PROMPT_ENSEMBLE_TYPE imagenet): the first
+               80 of maskclip85.json (the same strings in the same order; tests/test_sed.py checks)
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from semiseg_cli.errors import unknown_name
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "data" / "prompt_templates"
 SEMIVL = "a photo of a {}"
-TEMPLATE_SETS = {"semivl": None, "maskclip": "maskclip85.json"}  # None: the single SEMIVL prompt
+# name -> (file, how many of its first templates; None: all), or None: the single SEMIVL prompt
+TEMPLATE_SETS = {"semivl": None, "maskclip": ("maskclip85.json", None), "imagenet80": ("maskclip85.json", 80)}
 
 
 @lru_cache(maxsize=None)
@@ -25,4 +28,5 @@ def templates(name: str) -> tuple[str, ...]:
         raise unknown_name("prompt template set", name, TEMPLATE_SETS)
     if TEMPLATE_SETS[name] is None:
         return (SEMIVL,)
-    return tuple(json.loads((TEMPLATE_DIR / TEMPLATE_SETS[name]).read_text()))
+    file, count = TEMPLATE_SETS[name]
+    return tuple(json.loads((TEMPLATE_DIR / file).read_text())[:count])

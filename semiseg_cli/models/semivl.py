@@ -38,9 +38,13 @@ SKIP_BLOCKS: dict[str, tuple[int, int]] = {"clip-vit-b16": (0, 4), "clip-vit-tin
 CLASS_NAMES_DIR = Path(__file__).resolve().parents[1] / "data" / "class_names"
 
 
-def read_class_list(spec: str) -> list:
-    """A nested class list: a bundled one (data/class_names/<spec>.json) or a JSON file. Each class is a name
-    or a list of concepts; a concept is a name or a list of synonyms."""
+def read_class_set(spec: str) -> tuple[list[str], list]:
+    """(class names, nested class list) of a bundled class set (data/class_names/<spec>.json) or a JSON file.
+
+    Two forms: a list of classes, each a name or a list of concepts (a concept: a name or a list of
+    synonyms), named by their first name; or SED's grouping {"class_names": [K names], "groups": [K lists of
+    concept strings]}, where ", " inside a concept string separates synonyms (SED's rule), e.g.
+    "aeroplane, airplane, glider"."""
     path = Path(spec)
     if not path.is_file():
         path = CLASS_NAMES_DIR / f"{spec}.json"
@@ -49,18 +53,36 @@ def read_class_list(spec: str) -> list:
             raise UserError(f"class-name list {spec!r} not found (neither a bundled list nor a JSON file)"
                             f"{did_you_mean(spec, have)}; choose one of: {', '.join(have)}")
     try:
-        classes = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: not a readable JSON class list ({e})") from None
+    if isinstance(data, dict) and "groups" in data:
+        names, groups = data.get("class_names"), data["groups"]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or not isinstance(groups, list) \
+                or not all(isinstance(g, list) and g and all(isinstance(c, str) for c in g) for g in groups):
+            raise UserError(f"{path}: expected {{\"class_names\": [names], \"groups\": [[concept strings], ...]}}")
+        if len(groups) != len(names):
+            raise UserError(f"{path}: {len(groups)} concept groups for {len(names)} class names; "
+                            "give one group per class, in class order")
+        return names, [[c.split(", ") if ", " in c else c for c in g] for g in groups]
 
     def ok(entry, depth):
         return isinstance(entry, str) or (depth < 2 and isinstance(entry, list) and entry
                                           and all(ok(e, depth + 1) for e in entry))
 
-    if not isinstance(classes, list) or not classes or not all(ok(c, 0) for c in classes):
+    if not isinstance(data, list) or not data or not all(ok(c, 0) for c in data):
         raise UserError(f"{path}: expected a JSON list of classes, each a name or a list of concepts "
                         '(a concept: a name or a list of synonyms), e.g. ["aeroplane", ["background", "sky"]]')
-    return classes
+
+    def first(entry):
+        return entry if isinstance(entry, str) else first(entry[0])
+
+    return [first(c) for c in data], data
+
+
+def read_class_list(spec: str) -> list:
+    """The nested class list of `read_class_set`."""
+    return read_class_set(spec)[1]
 
 
 def load_class_text(name: str | None, cfg: dict) -> list:

@@ -117,8 +117,8 @@ def _cached(weights_path: str | Path, key: dict, compute) -> dict:
     if not sidecar.is_file():
         dst = Path(weights_path) if not Path(weights_path).name.endswith(TEXT_SUFFIX) else \
             sidecar.with_name(sidecar.name[: -len(TEXT_SUFFIX)] + ".pt")
-        raise UserError(f"{sidecar}: CLIP text weights not found; make them with "
-                        f"`semiseg convert-weights openai-clip ViT-B-16.pt {dst}`")
+        raise UserError(f"{sidecar}: CLIP text weights not found; `semiseg convert-weights` writes them beside "
+                        f"{dst} (e.g. `semiseg convert-weights openai-clip ViT-B-16.pt {dst}`; `sed` for SED)")
     stat = sidecar.stat()
     key = {**key, "sidecar": [stat.st_size, stat.st_mtime_ns]}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()
@@ -221,6 +221,39 @@ def ensemble_embeddings(weights_path: str | Path, classes: list, templates: Sequ
     key = {"ensemble": [[c] if isinstance(c, str) else list(c) for c in classes], "templates": list(templates)}
     out = _cached(weights_path, key, compute)
     return out["embeddings"], out["class_index"]
+
+
+def template_embeddings(weights_path: str | Path, concepts: Sequence[Union[str, Sequence[str]]],
+                        templates: Sequence[str], device: str | torch.device = "cpu") -> torch.Tensor:
+    """SED's text input (`SEDPredictor.class_embeddings`, specs/semiovs_sed.md §2.4): per concept and per
+    template, the L2-normalised `encode_text` of the prompt; a concept given as synonyms is, per template, the
+    L2-normalised mean of its synonyms' normalised embeddings. Nothing is averaged over templates.
+
+    Args:
+        concepts: one entry per concept: a name or a list of synonyms, e.g. ["sky", ["aeroplane", "airplane"]].
+        templates: format strings, e.g. `prompts.templates("imagenet80")`.
+
+    Returns:
+        [T, P, E] float32: T concepts, P templates.
+    """
+    synonyms = [[c] if isinstance(c, str) else list(c) for c in concepts]
+    if not synonyms or any(not s or not all(isinstance(n, str) for n in s) for s in synonyms):
+        raise UserError("a concept must be a name or a non-empty list of synonym names")
+    templates = list(templates)
+
+    def compute(sidecar: Path) -> dict:
+        tower, ctx = load_text_tower(sidecar, device)
+        # template-major within a concept, as SED formats them; all concepts' prompts in one encoding pass
+        prompts = [_prompt(t, n) for s in synonyms for t in templates for n in s]
+        emb = F.normalize(encode(tower, ctx, prompts), dim=-1)
+        rows, start = [], 0
+        for s in synonyms:
+            e = emb[start:start + len(templates) * len(s)].view(len(templates), len(s), -1)
+            start += len(templates) * len(s)
+            rows.append(F.normalize(e.mean(1), dim=-1) if len(s) > 1 else e[:, 0])
+        return {"embeddings": torch.stack(rows), "class_index": torch.arange(len(rows))}
+
+    return _cached(weights_path, {"template_embeddings": synonyms, "templates": templates}, compute)["embeddings"]
 
 
 def text_embeddings(weights_path: str | Path, names: list[str], template: str = TEMPLATE, normalize: bool = True,

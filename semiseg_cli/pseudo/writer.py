@@ -84,7 +84,7 @@ def generate(labeler: Labeler, images: str | Path, out: str | Path, env: DistEnv
     stats[1] = len(mine) - len(todo)
     failed = []
     crf_params = labeler.cfg["crf"] if crf else None
-    for i, image, scores in predict_images(labeler.score_fn, todo, labeler.resize, env.device, batch_size,
+    for i, image, scores in predict_images(labeler.score_fn, todo, labeler.prepare, env.device, batch_size,
                                            workers, crf_params, desc="gen-pseudo"):
         if image is None:
             failed.append(scores)
