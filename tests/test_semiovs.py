@@ -22,7 +22,9 @@ from semiseg_cli.data.streams import fake_batch, stream_index
 from semiseg_cli.distributed import DistEnv
 from semiseg_cli.engine.trainer import RunSampler, StepContext
 from semiseg_cli.methods import semiovs
-from tests.conftest import TINY, run_cli
+from tests.conftest import REPO, TINY, run_cli
+
+REPO_SPLITS = REPO / "data" / "splits"
 
 K = 4  # classes of the hand-made batch
 
@@ -253,17 +255,16 @@ def test_semiovs_recipes_resolve_with_the_spec_values():
 
 @pytest.fixture(scope="module")
 def ood_root(tiny_root, tmp_path_factory):
-    """12 OOD images (synthetic scenes outside the tiny split) with pseudo-labels written by gen-pseudo from a
-    2-iteration supervised checkpoint, through `--list`."""
+    """12 out-of-distribution synthetic images (`render_ood`) with pseudo-labels written by gen-pseudo from a
+    2-iteration supervised checkpoint, through `--list`: the semiovs-synthetic pipeline at test size."""
+    from semiseg_cli.data.synthetic import OOD_LIST, generate_ood
+
     d = tmp_path_factory.mktemp("ood")
     run = d / "sup"
     run_cli("train", "--recipe", "supervised-synthetic", *[a for s in (f"dataset.root={tiny_root}", *TINY,
             "train.iters=2", "train.eval_every=2") for a in ("--set", s)], "--out", run, check=0)
-    pool = read_split(tiny_root / "splits" / "tiny" / "unlabeled.txt")  # reuse images as "other" data
-    (d / "images").mkdir()
-    for image, _ in pool[:12]:
-        (d / "images" / os.path.basename(image)).symlink_to(tiny_root / image)
-    run_cli("gen-pseudo", "--model", "checkpoint", "--checkpoint", run / "best.pt", "--images", d / "images",
+    assert generate_ood(d, count=12) == (12, 0) and generate_ood(d, count=12) == (0, 12)
+    run_cli("gen-pseudo", "--model", "checkpoint", "--checkpoint", run / "best.pt", "--images", d / OOD_LIST,
             "--out", d / "pseudo", "--list", d / "ood.txt", "--root", d, check=0)
     assert len(read_split(d / "ood.txt")) == 12
     return d
@@ -307,3 +308,67 @@ def test_torchrun_two_processes_train_semiovs_and_eval_equals_single_process(tin
                          text=True, env=env, timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert json.loads(ddp.stdout) == json.loads(run_cli("eval", "--run", run, "--json", check=0).stdout)
+
+
+# ----------------------------------------------------------------------------- Pascal Context-60
+
+
+def test_prepare_context_links_checked_files_idempotently(shared_data, tmp_path):
+    from semiseg_cli.data.dataset import build_dataset
+
+    val = read_split(REPO_SPLITS / "context" / "val.txt")[:3]
+    lab = read_split(REPO_SPLITS / "context" / "1_32" / "labeled.txt")[:2]
+    src = tmp_path / "download" / "VOCdevkit" / "VOC2010"
+    sample = Image.open(shared_data / "voc_samples" / "0_image.png").convert("RGB")
+    rng = np.random.default_rng(0)
+    for image, mask in val + lab:
+        (src / image).parent.mkdir(parents=True, exist_ok=True)
+        (src / mask).parent.mkdir(parents=True, exist_ok=True)
+        sample.save(src / image)
+        Image.fromarray(rng.integers(0, 60, (sample.height, sample.width), dtype=np.uint8)).save(src / mask)
+    root = tmp_path / "context"
+    args = ("prepare-data", "context", "--src", tmp_path / "download", "--root", root, "--allow-partial")
+    first = json.loads(run_cli(*args, check=0).stdout)
+    assert first["written"] == 10 and first["expected"] == 4996 * 2 + 5104 * 2
+    assert json.loads(run_cli(*args, check=0).stdout)["written"] == 0
+    assert (root / val[0][1]).resolve() == (src / val[0][1]).resolve()
+    cfg = load_config(None, ["dataset.name=context", f"dataset.root={root}", "dataset.split=1_32"])
+    assert cfg["dataset"]["num_classes"] == 60
+    ds = build_dataset(cfg, "val")
+    ds.items = [it for it in ds.items if (root / it[0]).exists()]
+    _, y, _ = ds[0]
+    assert y.max() < 60
+    # a mask with a label outside 0..59 is one line naming it, and nothing of it is linked
+    bad_img, bad_mask = read_split(REPO_SPLITS / "context" / "val.txt")[5]
+    sample.save(src / bad_img)
+    Image.fromarray(np.full((sample.height, sample.width), 70, np.uint8)).save(src / bad_mask)
+    proc = run_cli(*args)
+    assert proc.returncode == 2 and bad_mask.split("/")[-1] in proc.stderr and "[70]" in proc.stderr
+    assert not (root / bad_mask).exists()
+
+
+def test_context_recipes_resolve():
+    listed = run_cli("recipes", check=0).stdout
+    for split in ("1_32", "1_16", "1_8", "1_4", "1_2"):
+        for name in (f"unimatch-context-{split}", f"semiovs-unimatch-context-{split}", f"semiovs-prevmatch-context-{split}"):
+            assert name in listed
+            cfg = load_config(name)
+            assert cfg["dataset"]["name"] == "context" and cfg["dataset"]["num_classes"] == 60
+            assert cfg["train"]["crop_size"] == 321 and cfg["train"]["epochs"] == 80 and cfg["optim"]["lr"] == 0.001
+        assert load_config(f"semiovs-prevmatch-context-{split}")["ssl"]["ood_base"] == "prevmatch"
+
+
+def test_prepare_synthetic_ood_makes_another_distribution_of_the_same_classes(tmp_path, monkeypatch):
+    from semiseg_cli.data import synthetic
+    from semiseg_cli.data.prepare import prepare
+
+    monkeypatch.setattr(synthetic, "NUM_OOD", 6)
+    summary = prepare("synthetic-ood", None, tmp_path / "ood")
+    assert summary["written"] == 6 and prepare("synthetic-ood", None, tmp_path / "ood")["written"] == 0
+    lines = (tmp_path / "ood" / synthetic.OOD_LIST).read_text().splitlines()
+    assert lines == [f"images/ood{i:05d}.png" for i in range(6)]
+    ood = [synthetic.render_ood(0, i) for i in range(6)]
+    ind = [synthetic.render(0, i) for i in range(6)]
+    assert all(m.max() >= 1 and m.max() < len(synthetic.SYNTHETIC_CLASSES) for _, m in ood)  # the same classes
+    assert min(int(im.min()) for im, _ in ood) >= 70 > min(int(im.min()) for im, _ in ind)  # another colour regime
+    assert not any(np.array_equal(a[0], b[0]) for a, b in zip(ood, ind))

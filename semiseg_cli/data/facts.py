@@ -62,6 +62,11 @@ DATASETS: dict[str, dict] = {
     "context59": {"classes": "context59", "palette": "voc", "reduce_zero_label": True,
                   "layout": "JPEGImages/*.jpg, SegmentationClassContext/*.png (mmseg's Pascal Context 59: 0 = "
                             "background, ignored here), splits/val.txt"},
+    # SemiOVS's Pascal Context-60 (specs/semiovs_sed.md §1.1): VOC2010 images + the authors'
+    # SegmentationClassContext60 PNGs, 60 classes with 0 = background counted; split lists from SemiOVS
+    # semiovs/splits/pc60 (Apache-2.0); class order = SemiOVS util/classes.py (= its SED grouping)
+    "context": {"classes": "context", "palette": "voc", "reduce_zero_label": False,
+                "layout": "JPEGImages/*.jpg, SegmentationClassContext60/{train,val}/*.png (60 classes, 0 = background)"},
     "cocostuff171": {"classes": "cocostuff171", "palette": "voc", "reduce_zero_label": False,
                      "layout": "images/val2017/*.jpg, annotations/val2017/*_labelTrainIds.png (mmseg's COCO-Stuff "
                                "164k: 0..170, 255 = ignore), splits/val.txt"},

@@ -332,6 +332,35 @@ def prepare_coco(src: Path, root: Path) -> Counts:
     return _tally(results)
 
 
+CONTEXT_MASKS = "SegmentationClassContext60"
+
+
+def prepare_context(src: Path, root: Path) -> Counts:
+    """Pascal Context-60 as SemiOVS uses it: VOC2010 `JPEGImages/*.jpg` and the authors'
+    `SegmentationClassContext60/{train,val}/*.png` (index PNGs 0..59, 0 = background), both linked into root
+    after a check (image header; mask decode and label range), for every image the packaged split lists name
+    (4,996 train, 5,104 val). `src` may hold them directly or under VOC2010/ or VOCdevkit/VOC2010/."""
+    prefixes = ["", "VOC2010", "VOCdevkit/VOC2010", "pascal_context"]
+    images, masks = _find(src, prefixes, "JPEGImages"), _find(src, prefixes, CONTEXT_MASKS)
+    if images is None or masks is None:
+        missing = "JPEGImages/" if images is None else f"{CONTEXT_MASKS}/"
+        raise UserError(f"{src}: no {missing} folder; pass --src the folder holding VOC2010's JPEGImages/ and the "
+                        f"authors' {CONTEXT_MASKS}/ (train/, val/)")
+    items = set()
+    for lst in sorted((resource_dir("splits") / "context").rglob("*.txt")):
+        items.update(read_split(lst))
+    results = []
+    for image, mask in progress(sorted(items), desc="context"):
+        if (images / image).is_file():
+            results.append(_link(images / image, root / image))
+        m = masks / mask
+        if m.is_file() and not (root / mask).exists():
+            _check_values(_read_index_png(m), m, 59)  # linked as is once its labels are known good
+        if m.is_file():
+            results.append(_link(m, root / mask))
+    return _tally(results)
+
+
 OOD_LIST = "ood_images.txt"
 
 
@@ -420,17 +449,27 @@ def prepare_synthetic(src: None, root: Path) -> tuple[int, int]:
     return generate(root, seed=0)
 
 
+def prepare_synthetic_ood(src: None, root: Path) -> tuple[int, int]:
+    """Generate out-of-distribution synthetic images (seed 0) for SemiOVS on the synthetic data
+    (semiseg_cli/data/synthetic.py `render_ood`)."""
+    from semiseg_cli.data.synthetic import generate_ood
+
+    return generate_ood(root, seed=0)
+
+
 CONVERTERS: dict[str, Callable] = {
     "voc": prepare_voc,
     "cityscapes": prepare_cityscapes,
     "ade20k": prepare_ade20k,
     "coco": prepare_coco,
     "coco-ood": prepare_coco_ood,
+    "context": prepare_context,
     "camvid": prepare_camvid,
     "synthetic": prepare_synthetic,
+    "synthetic-ood": prepare_synthetic_ood,
 }
 # Converters that take no --src (they are called with src=None).
-NO_SRC: set[str] = {"synthetic"}
+NO_SRC: set[str] = {"synthetic", "synthetic-ood"}
 
 
 def check_counts(name: str, root: Path) -> tuple[int, int, str | None]:

@@ -192,15 +192,21 @@ def _clutter(img: np.ndarray, rng: np.random.Generator) -> None:
 
 # -------------------------------------------------------------------------------------------- sample
 
-def render(seed: int, index: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sample `index` of the dataset made with `seed`: (RGB image uint8 [H, W, 3], mask uint8 [H, W])."""
-    rng = np.random.default_rng([seed, index])
-    canvas = np.clip(np.round(_background(rng)), 0, 255).astype(np.uint8)
+def render(seed: int, index: int, ood: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Sample `index` of the dataset made with `seed`: (RGB image uint8 [H, W, 3], mask uint8 [H, W]).
+    `ood`: an out-of-distribution image (`render_ood`)."""
+    rng = np.random.default_rng([seed, OOD_STREAM + index] if ood else [seed, index])
+    background = _background(rng)
+    if ood:  # other backgrounds: a bold checker or stripe pattern over the usual noise
+        background += (_checker(rng)[..., None] - 0.5) * rng.uniform(60, 140)
+    canvas = np.clip(np.round(background), 0, 255).astype(np.uint8)
     _clutter(canvas, rng)                                # cv2 anti-aliases on 8-bit images only
     img = canvas.astype(np.float32)
+    if ood:
+        img = _distractors(img, rng)
     mask = np.zeros((SIZE, SIZE), np.uint8)
     placed: list[tuple[np.ndarray, float]] = []
-    for _ in range(int(rng.integers(2, 6))):
+    for _ in range(int(rng.integers(1, 4) if ood else rng.integers(2, 6))):
         cls = int(rng.integers(1, len(SYNTHETIC_CLASSES)))
         radius = rng.uniform(12, 28)
         margin = 0.6 * radius
@@ -235,7 +241,78 @@ def render(seed: int, index: int) -> tuple[np.ndarray, np.ndarray]:
     if rng.random() < 0.3:
         img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.5, 1.0))
     img += rng.normal(0, rng.uniform(2, 6), img.shape).astype(np.float32)
+    if ood:  # another colour regime: a washed-out, low-saturation palette (channel mixing, lifted blacks)
+        img = 70 + np.clip(img, 0, 255) @ OOD_COLOURS.T
     return np.clip(np.round(img), 0, 255).astype(np.uint8), mask
+
+
+# ------------------------------------------------------------------------------- out-of-distribution
+
+OOD_STREAM = 1_000_000           # OOD sample i is drawn from default_rng([seed, OOD_STREAM + i])
+NUM_OOD = 1000
+OOD_MARKER = ".synthetic-ood"
+OOD_LIST = "ood_images.txt"      # as `prepare-data coco-ood`: the `gen-pseudo --images` list
+# rows: output R, G, B as a mix of input R, G, B (rows sum to 0.72: 70 + 0.72 x 255 < 255)
+OOD_COLOURS = np.array([[0.45, 0.2, 0.07], [0.2, 0.42, 0.1], [0.12, 0.2, 0.4]], np.float32)
+
+
+def _checker(rng: np.random.Generator) -> np.ndarray:
+    """A hard-edged checker or stripe pattern in {0, 1} at a random angle and period."""
+    a = rng.uniform(0, np.pi)
+    period = rng.uniform(10, 30)
+    u = (np.cos(a) * _XX + np.sin(a) * _YY) / period
+    v = (-np.sin(a) * _XX + np.cos(a) * _YY) / period
+    return ((np.floor(u) + (np.floor(v) if rng.random() < 0.5 else 0)) % 2).astype(np.float32)
+
+
+def _distractors(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """1-3 filled stars or hexagons, object-sized but of no class (labeled background)."""
+    for _ in range(int(rng.integers(1, 4))):
+        k = int(rng.choice([5, 6]))
+        t = np.pi / 2 + np.arange(2 * k if k == 5 else k) * np.pi / (k if k == 5 else k / 2)
+        r = np.where(np.arange(len(t)) % 2, 0.45, 1.0) if k == 5 else np.ones(len(t))
+        unit = np.stack([r * np.cos(t), r * np.sin(t)], 1)
+        radius = rng.uniform(12, 26)
+        outline = _place(unit, rng.uniform(radius, SIZE - radius, 2), radius, 1.0, rng.uniform(0, 2 * np.pi))
+        alpha = _alpha([outline])[..., None]
+        img = img * (1 - alpha) + _fill(rng) * alpha
+    return img
+
+
+def render_ood(seed: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-distribution sample `index`: the same shape classes (1-3 objects) on other backgrounds (bold
+    checkers and stripes), with object-sized distractor shapes of no class (stars, hexagons: background),
+    in another colour regime. The mask is the truth, for measuring pseudo-labels; SemiOVS never reads it."""
+    return render(seed, index, ood=True)
+
+
+def generate_ood(root: str | Path, seed: int = 0, count: int | None = None) -> tuple[int, int]:
+    """`count` OOD images under `root`: images/, masks/ (truth, for measuring labels) and OOD_LIST (one
+    `images/<name>` per line, the `gen-pseudo --images` input). Resumable like `generate`."""
+    root, count = Path(root), NUM_OOD if count is None else count
+    marker = root / OOD_MARKER
+    want = f"version {VERSION} seed {seed}"
+    if marker.is_file() and marker.read_text().strip() != want:
+        raise UserError(f"{root}: already holds OOD synthetic data made with {marker.read_text().strip()}, not {want}")
+    if not marker.is_file() and (root / "images").is_dir() and any((root / "images").iterdir()):
+        raise UserError(f"{root}: images/ exists but was not made by `semiseg prepare-data synthetic-ood`; use an empty root")
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    marker.write_text(want + "\n")
+    names = [f"ood{i:05d}.png" for i in range(count)]
+    written = skipped = 0
+    for i in progress(range(count), total=count, desc="synthetic-ood"):
+        image, mask = root / "images" / names[i], root / "masks" / names[i]
+        if image.is_file() and mask.is_file():
+            skipped += 1
+            continue
+        rgb, labels = render_ood(seed, i)
+        save_index_png(labels, mask)
+        _write_rgb_png(image, rgb)
+        written += 1
+    write_split(root / "splits" / "truth.txt", [(f"images/{n}", f"masks/{n}") for n in names])
+    (root / OOD_LIST).write_text("".join(f"images/{n}\n" for n in names))
+    return written, skipped
 
 
 # --------------------------------------------------------------------------------------------- files
