@@ -92,7 +92,8 @@ def evaluate(checkpoint: str | Path, sets=(), device=None) -> dict:
 
 def train(config: dict | str, out: str | Path, sets=(), resume: bool = False) -> dict:
     """`semiseg train`: `config` is a recipe name / YAML path or a (partial) config dict over the defaults;
-    `sets` are `--set`-style overrides on top. Returns the last evaluation's metrics."""
+    `sets` are `--set`-style overrides on top. Returns the last evaluation's metrics ({} when `resume` finds
+    the run already finished)."""
     from semiseg_cli.config import flatten, load_config
     from semiseg_cli.engine.trainer import train as run_train
 

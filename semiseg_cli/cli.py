@@ -1,10 +1,15 @@
 """The `semiseg` command line: thin wrappers that parse arguments, load the config, call one pipeline
-function and print the result. Progress goes to stderr, results to stdout; user errors exit with 2."""
+function and print the result. Progress goes to stderr, results to stdout; user errors exit with 2;
+Ctrl-C / SIGTERM end with one line (what was kept, how to continue) and exit 130 / 143."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import List, Optional
 
@@ -17,7 +22,8 @@ from semiseg_cli.config import CHOICES
 from semiseg_cli.convert import FORMATS
 from semiseg_cli.data.prepare import CONVERTERS as PREPARE_CONVERTERS
 from semiseg_cli.pseudo import LABELERS, PRECISIONS
-from semiseg_cli.errors import UserError, did_you_mean
+from semiseg_cli.errors import (Interrupted, UserError, check_output_dir, did_you_mean, expect_workers_to_die,
+                                 signal_in_forked_child, write_error_line)
 
 app = typer.Typer(
     name="semiseg", no_args_is_help=True, add_completion=True, rich_markup_mode="rich",
@@ -48,9 +54,15 @@ def _version(value: bool):
         raise typer.Exit()
 
 
+# the subcommand being run: main() names what an interrupt kept with it
+_command: Optional[str] = None
+
+
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version.")):
-    pass
+def _root(ctx: typer.Context,
+          version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version.")):
+    global _command
+    _command = ctx.invoked_subcommand
 
 
 @app.command("recipes", epilog="Example:\n\n  semiseg recipes\n\n  semiseg config show --recipe supervised-synthetic")
@@ -113,13 +125,19 @@ TRAIN_EPILOG = (
     "Several machines (run on each, same rendezvous endpoint):\n\n"
     "  torchrun --nnodes=2 --nproc_per_node=4 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 --rdzv_id=job1 "
     "-m semiseg_cli train --recipe unimatch-voc-92\n\n"
-    "train.global_batch is the batch over all processes; each takes global_batch / world size.")
+    "train.global_batch is the batch over all processes; each takes global_batch / world size.\n\n"
+    "Ctrl-C or SIGTERM: the current iteration finishes, last.pt is saved, exit 130 / 143; continue with --resume "
+    "(a second Ctrl-C stops at once; under torchrun the last periodic last.pt is kept).\n\n"
+    "--resume continues the run's own schedule: a finished run is left as is (exit 0), and a changed "
+    "train.iters / train.epochs / train.global_batch (which would change the LR of every iteration) is refused; "
+    "train a longer schedule into a new --out.")
 
 
 @app.command("train", epilog=TRAIN_EPILOG)
 def train_cmd(recipe: Optional[str] = RecipeOpt, sets: Optional[List[str]] = SetOpt,
               out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default runs/<recipe>)."),
-              resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last.pt.")):
+              resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last.pt "
+                                          "(same schedule; a finished run: nothing to do).")):
     """Train a model; writes config.yaml, log.jsonl, TensorBoard events, last.pt, best.pt and eval.json."""
     from semiseg_cli.config import load_config
     from semiseg_cli.engine.checkpoint import load_checkpoint
@@ -128,12 +146,14 @@ def train_cmd(recipe: Optional[str] = RecipeOpt, sets: Optional[List[str]] = Set
     if resume:
         if out is None:
             raise UserError("--resume needs --out RUN_DIR (the run to continue)")
+        check_output_dir(out)
         cfg = load_config(None, sets or [], base=load_checkpoint(out / "last.pt")["config"])
     else:
         if recipe is None:
             raise UserError("pass --recipe NAME|FILE (see `semiseg recipes`)")
-        cfg = load_config(recipe, sets or [])
         out = out or Path("runs") / Path(recipe).stem
+        check_output_dir(out)
+        cfg = load_config(recipe, sets or [])
     result = train(cfg, out, resume=resume)
     if result and os.environ.get("RANK", "0") == "0":
         out_json = {"run": str(out), **{k: result[k] for k in ("miou", "miou_paper", "pixel_acc")}}
@@ -141,7 +161,8 @@ def train_cmd(recipe: Optional[str] = RecipeOpt, sets: Optional[List[str]] = Set
 
 
 def _model_from_checkpoint(run: Optional[Path], checkpoint: Optional[Path], recipe, sets):
-    """Config (checkpoint's, then recipe/--set) and the model with the checkpoint's weights, on CPU."""
+    """(config (checkpoint's, then recipe/--set), the model with the checkpoint's weights on CPU, the
+    checkpoint file)."""
     from semiseg_cli.engine.checkpoint import model_from_checkpoint
 
     if (run is None) == (checkpoint is None):
@@ -149,7 +170,22 @@ def _model_from_checkpoint(run: Optional[Path], checkpoint: Optional[Path], reci
                         "model, e.g. maskclip-voc20)")
     if run is not None:
         checkpoint = run / "best.pt" if (run / "best.pt").is_file() else run / "last.pt"
-    return model_from_checkpoint(checkpoint, recipe, sets or [])
+    return (*model_from_checkpoint(checkpoint, recipe, sets or []), checkpoint)
+
+
+def _checkpoint_origin(path: Path) -> str:
+    """Where a (verified, loadable) checkpoint's weights come from: its iteration, or the file it was
+    converted from. Read again memory-mapped, so the tensors are not read a second time."""
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - a file torch cannot map (an old format) just says less
+        return "iteration unknown"
+    if "iteration" in ckpt:
+        total = f" of {ckpt['total_iters']}" if ckpt.get("total_iters") else ""
+        return f"iteration {ckpt['iteration']}{total}"
+    return f"converted from {ckpt['converted_from']}" if ckpt.get("converted_from") else "iteration unknown"
 
 
 @app.command("eval", epilog=(
@@ -180,11 +216,16 @@ def eval_cmd(run: Optional[Path] = typer.Option(None, "--run", help="Run folder 
                             f"--checkpoint FILE (only a training-free model, {', '.join(sorted(TRAINING_FREE))}, "
                             "evaluates from --recipe alone)")
         model = build_model(cfg)
+        origin = f"the training-free {cfg['model']['name']} model of recipe {recipe} (no checkpoint)"
     else:
-        cfg, model = _model_from_checkpoint(run, checkpoint, recipe, sets)
+        cfg, model, path = _model_from_checkpoint(run, checkpoint, recipe, sets)
+        origin = f"{path} ({_checkpoint_origin(path)})"
+    val = build_dataset(cfg, "val")  # before the line below: a data error stays the only line
+    if os.environ.get("RANK", "0") == "0":
+        err.print(f"evaluating {origin} on {cfg['dataset']['name']} val, mode {cfg['eval']['mode']}", markup=False)
     env = init_distributed()
     try:
-        result = evaluate(model.to(env.device), cfg, build_dataset(cfg, "val"), env, workers=cfg["train"]["workers"],
+        result = evaluate(model.to(env.device), cfg, val, env, workers=cfg["train"]["workers"],
                           progress=progress if env.is_main else None)
     finally:
         cleanup()
@@ -208,7 +249,8 @@ def infer_cmd(checkpoint: Path = typer.Option(..., "--checkpoint", help="A check
     from semiseg_cli.distributed import init_distributed
     from semiseg_cli.engine.infer import infer
 
-    cfg, model = _model_from_checkpoint(None, checkpoint, None, sets)
+    check_output_dir(out_dir)
+    cfg, model, _ = _model_from_checkpoint(None, checkpoint, None, sets)
     env = init_distributed()
     result = infer(model.to(env.device), cfg, images, out_dir, env.device, crf=crf, with_overlay=overlay,
                    batch_size=batch_size, workers=min(cfg["train"]["workers"], 2))
@@ -253,6 +295,7 @@ def gen_pseudo_cmd(model: str = typer.Option(..., "--model", "-m", callback=_one
     from semiseg_cli.pseudo import build_labeler
     from semiseg_cli.pseudo.writer import generate
 
+    check_output_dir(out_dir)  # before a labeler loads its weights
     env = init_distributed()
     try:
         labeler = build_labeler(model, {"checkpoint": checkpoint, "weights": weights, "classes": classes,
@@ -282,12 +325,16 @@ def gen_pseudo_cmd(model: str = typer.Option(..., "--model", "-m", callback=_one
     "   (a released UniMatch / FixMatch / PrevMatch / SemiOVS model: then eval / infer / gen-pseudo --checkpoint)\n\n"
     "  semiseg convert-weights sed pretrained/sed_model_large.pth weights/sed_l.pt   (SED-L; also writes "
     "weights/sed_l.text.pt: then gen-pseudo --model sed)\n\n"
-    "Then train with --set model.weights=weights/....pt"))
+    "Then train with --set model.weights=weights/....pt\n\n"
+    "Prints a summary line on stderr; -v adds every source key -> target key, -q prints nothing."))
 def convert_weights(fmt: str = typer.Argument(..., metavar="FORMAT", help=", ".join(FORMATS) + "."),
                     src: str = typer.Argument(..., help="The original weights file ('-': the packaged file, where one exists)."),
                     dst: Path = typer.Argument(..., help="Where to write the converted state dict."),
                     backbone: Optional[str] = typer.Option(None, "--backbone", help="Target timm model (default: inferred)."),
-                    quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print the key mapping."),
+                    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print every source key -> "
+                                                 "target key (dropped keys with their reason)."),
+                    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing on stderr, not even the "
+                                               "summary (the JSON result still goes to stdout)."),
                     model_name: Optional[str] = typer.Option(
                         None, "--model-name", help="open-clip: the open_clip model config giving the activation "
                         "(QuickGELU or GELU) when the checkpoint does not say (default ViT-B-16)."),
@@ -295,11 +342,14 @@ def convert_weights(fmt: str = typer.Argument(..., metavar="FORMAT", help=", ".j
                         None, "--recipe", "-r", help="unimatch-checkpoint: the recipe the checkpoint was trained with "
                         "(its model and dataset; DST becomes a semiseg checkpoint)."),
                     sets: Optional[List[str]] = SetOpt):
-    """Convert original weight files into semiseg state dicts (every key used, every shape checked)."""
+    """Convert original weight files into semiseg state dicts (every key used, every shape checked); prints a
+    summary (keys mapped, dropped, sidecar files), the full key mapping with -v."""
     from semiseg_cli.convert import convert
 
+    if quiet and verbose:
+        raise UserError("pass at most one of -q/--quiet and -v/--verbose")
     stdout.print(json.dumps(convert(fmt, src, dst, backbone, quiet, model_name=model_name, recipe=recipe,
-                                    sets=sets or [])))
+                                    sets=sets or [], verbose=verbose)))
 
 
 def _one_line(e: BaseException) -> str:
@@ -327,11 +377,65 @@ def _usage_line(e) -> str:
     return f"error: {message} (see `{where}`)"
 
 
+# What an interrupted command kept, for commands that do not say it themselves (the trainer does).
+_KEPT = {
+    "prepare-data": "the files written so far are complete; run the same command again to finish (it skips them)",
+    "gen-pseudo": "the labels written so far are complete; run the same command again to finish (it skips them)",
+    "infer": "the masks written so far are complete; run the same command again for all images",
+    "train": "no iteration was trained yet; run the same command again",
+    "eval": "nothing was written; run the same command again",
+    "convert-weights": "DST is either unchanged or complete (it is written atomically); run the same command again",
+}
+_pid: Optional[int] = None  # the process main() runs in (forked children inherit its handlers)
+
+
+def _on_signal(signum, frame):
+    """SIGINT / SIGTERM: raise Interrupted, so `finally` blocks (the run lock) run and main() prints one line."""
+    if os.getpid() != _pid:
+        return signal_in_forked_child(signum)
+    expect_workers_to_die()
+    raise Interrupted(signum)
+
+
+def _interrupted_line(e: Interrupted) -> str:
+    kept = _KEPT.get(_command, "no file was left half-written; run the same command again")
+    return e.line or f"interrupted ({signal.Signals(e.signum).name}): {kept}"
+
+
+# io.temp_path's names, ".<name>.tmp<pid>": an error writing one is reported as writing <name>
+_TEMP_NAME = re.compile(r"^\.(.+)\.tmp\d+$")
+
+
+def _os_error_line(e: OSError) -> Optional[str]:
+    """One line for a file-system error the user can fix (full disk, read-only, no permission) that no
+    command turned into a UserError itself; None for the others (internal errors)."""
+    path = Path(e.filename) if e.filename else None
+    if path is not None and _TEMP_NAME.match(path.name):
+        path = path.with_name(_TEMP_NAME.match(path.name).group(1))
+    if e.errno in (errno.EACCES, errno.EPERM):  # may be a read as well as a write
+        return f"{path or 'a file'}: permission denied; check its permissions or choose another folder"
+    return write_error_line(e, path)
+
+
 def main() -> None:
     """Entry point of the `semiseg` console script: results on stdout; one line on stderr and exit code 2
-    for anything the user can fix (a usage mistake, bad input); 130 when interrupted."""
+    for anything the user can fix (a usage mistake, bad input, a full disk); one line and 130 (SIGINT) or
+    143 (SIGTERM) when interrupted."""
+    global _pid
+    _pid = os.getpid()
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {signal.SIGCHLD: signal.getsignal(signal.SIGCHLD),  # see expect_workers_to_die
+                    **{s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}}
     try:
-        app(prog_name="semiseg", standalone_mode=False)
+        code = app(prog_name="semiseg", standalone_mode=False)
+        if code == 130:  # typer turned a KeyboardInterrupt raised past our handler into this return value
+            err.print(_interrupted_line(Interrupted(signal.SIGINT)), markup=False, soft_wrap=True)
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except Interrupted as e:
+        err.print(_interrupted_line(e), markup=False, soft_wrap=True)
+        sys.exit(e.exit_code)
     except UserError as e:
         err.print(f"error: {_one_line(e)}", markup=False, soft_wrap=True)
         sys.exit(2)
@@ -343,6 +447,15 @@ def main() -> None:
     except _ClickException as e:
         err.print(_usage_line(e), markup=False, soft_wrap=True)
         sys.exit(2)
-    except (typer.Abort, KeyboardInterrupt):
+    except typer.Abort:
         err.print("aborted")
         sys.exit(130)
+    except OSError as e:
+        line = _os_error_line(e)
+        if line is None:
+            raise
+        err.print(f"error: {line}", markup=False, soft_wrap=True)
+        sys.exit(2)
+    finally:
+        for s, handler in handlers.items():  # for callers of main() in-process (tests)
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)

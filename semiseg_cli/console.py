@@ -1,7 +1,8 @@
 """Terminal output: progress and messages go to stderr, results to stdout.
 
 On a terminal `progress()` shows a live rich bar; otherwise (CI, logs, pipes) it prints one plain line
-every `every` items so that logs stay readable.
+every `every` items so that logs stay readable. A progress nested in another (the evaluation inside
+training) prints plain lines too: they appear above the outer bar (rich 13 allows one live display per console).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ T = TypeVar("T")
 # soft_wrap: a message is one line however long (rich would hard-wrap at 80 columns off a terminal, mid-record)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
+_live_bars = 0  # rich bars of `progress` now shown on `err`
 
 
 def progress(items: Iterable[T], total: int | None = None, desc: str = "", every: int | None = None) -> Iterator[T]:
@@ -28,15 +30,20 @@ def progress(items: Iterable[T], total: int | None = None, desc: str = "", every
     """
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
-    if err.is_terminal:
+    global _live_bars
+    if err.is_terminal and not _live_bars:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
-        with Progress(*cols, console=err, transient=False) as bar:
-            task = bar.add_task(desc, total=total)
-            for item in items:
-                yield item
-                bar.advance(task)
+        _live_bars += 1
+        try:
+            with Progress(*cols, console=err, transient=False) as bar:
+                task = bar.add_task(desc, total=total)
+                for item in items:
+                    yield item
+                    bar.advance(task)
+        finally:
+            _live_bars -= 1
         return
     every = every or max(1, (total or 100) // 10)
     start, n = time.time(), 0

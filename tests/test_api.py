@@ -20,7 +20,9 @@ from PIL import Image
 import semiseg_cli
 tiny = {TINY!r}
 run = {str(tmp_path / "run")!r}
-metrics = semiseg_cli.train("supervised-synthetic", out=run, sets=tiny + {[f"dataset.root={tiny_root}", "train.iters=2", "train.eval_every=2"]!r})
+# a config dict over the defaults, then --set-style overrides
+metrics = semiseg_cli.train({{"dataset": {{"root": {str(tiny_root)!r}}}, "train": {{"iters": 2, "eval_every": 2}}}}, out=run,
+                            sets=tiny)
 model = semiseg_cli.load(run + "/best.pt")
 img_path = {str(tiny_root / "images" / "01100.png")!r}
 mask, probs = model.predict(img_path)
@@ -36,6 +38,8 @@ print(json.dumps({{"train": metrics["miou"], "eval": ev, "shape": list(probs.sha
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["same"] and out["shape"] == [6, 128, 128] and abs(out["sum"] - 1) < 1e-4
     assert out["names"][0] == "background"
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "split: tiny" in saved and "resnet18" in saved
     # predict = `semiseg infer`, evaluate = `semiseg eval`
     run = tmp_path / "run"
     run_cli("infer", "--checkpoint", run / "best.pt", "--images", tiny_root / "images" / "01100.png",
@@ -45,19 +49,18 @@ print(json.dumps({{"train": metrics["miou"], "eval": ev, "shape": list(probs.sha
     assert out["eval"]["miou"] == cli_eval["miou"] == out["train"]
 
 
-def test_train_from_a_config_dict(tiny_root, tmp_path):
-    import semiseg_cli
+def test_predict_refuses_what_is_not_an_rgb_image(tiny_root, tmp_path):
+    from semiseg_cli.api import Predictor
+    from semiseg_cli.config import load_config
     from semiseg_cli.errors import UserError
+    from semiseg_cli.models import build_model
 
-    cfg = {"dataset": {"root": str(tiny_root), "split": "tiny"}, "model": {"backbone": "resnet18", "weights": None,
-           "head_channels": 16}, "train": {"crop_size": 64, "global_batch": 4, "workers": 0, "iters": 1, "eval_every": 1}}
-    metrics = semiseg_cli.train(cfg, out=tmp_path / "run")
-    assert "miou" in metrics and (tmp_path / "run" / "best.pt").is_file()
-    saved = (tmp_path / "run" / "config.yaml").read_text()
-    assert "resnet18" in saved and "split: tiny" in saved
-    try:
-        semiseg_cli.load(tmp_path / "run" / "best.pt").predict(np.zeros((4, 4), np.float32))
-    except UserError as e:
-        assert "RGB uint8 array" in str(e)
-    else:
-        raise AssertionError("a float array was accepted")
+    cfg = load_config("supervised-synthetic", [f"dataset.root={tiny_root}", *TINY])
+    model = Predictor(cfg, build_model(cfg), "cpu")
+    for bad in (np.zeros((4, 4), np.float32), 3.0):
+        try:
+            model.predict(bad)
+        except UserError as e:
+            assert "RGB uint8 array" in str(e)
+        else:
+            raise AssertionError(f"{type(bad).__name__} was accepted")

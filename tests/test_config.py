@@ -69,7 +69,7 @@ def test_cli_recipes_lists_descriptions():
 SUPERVISED = {
     "voc": dict(crop=321, epochs=80, lr=0.001, head=10.0, batch=8, mode="whole", backbone="resnet101s"),
     "cityscapes": dict(crop=801, epochs=240, lr=0.005, head=1.0, batch=8, mode="slide_sum", backbone="resnet101s"),
-    "coco": dict(crop=513, epochs=30, lr=0.004, head=10.0, batch=8, mode="whole", backbone="xception65"),
+    "coco": dict(crop=513, epochs=30, lr=0.004, head=10.0, batch=8, mode="whole", backbone="xception65_unimatch"),
     "ade20k": dict(crop=512, epochs=40, lr=0.004, head=10.0, batch=8, mode="whole", backbone="resnet101s"),
 }
 
@@ -101,7 +101,7 @@ SSL = {
     ("unimatch", "cityscapes"): dict(crop=801, epochs=240, lr=0.005, head=1.0, tau=0.0, loss="ohem", mode="slide_sum",
                                      os=16, window=(801, 534), min_kept=200000),
     ("unimatch", "coco"): dict(crop=513, epochs=30, lr=0.004, head=10.0, tau=0.95, loss="ce", mode="whole", os=16,
-                               backbone="xception65"),
+                               backbone="xception65_unimatch"),
     ("unimatch", "ade20k"): dict(crop=512, epochs=40, lr=0.004, head=10.0, tau=0.95, loss="ce", mode="whole", os=16),
     ("s4mc", "voc"): dict(crop=512, epochs=90, lr=0.001, head=10.0, loss="ce", mode="whole", os=16),
     ("s4mc", "cityscapes"): dict(crop=769, epochs=240, lr=0.005, head=1.0, loss="ohem", mode="slide_sum", os=8,

@@ -21,7 +21,7 @@ def test_efficientnet_lite0_real_weights_classify_a_cat(tmp_path):
     from skimage import data
 
     dst = tmp_path / "lite0.pt"
-    proc = run_cli("convert-weights", "efficientnet-lite0", "-", dst, check=0)
+    proc = run_cli("convert-weights", "efficientnet-lite0", "-", dst, "-v", check=0)
     assert "_blocks.14._project_conv.weight -> blocks.5.3.conv_pwl.weight" in proc.stderr
     assert json.loads(proc.stdout)["keys"] == 296
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)

@@ -65,7 +65,7 @@ def converted(tmp_path_factory):
     d = tmp_path_factory.mktemp("sed")
     clip = tiny_open_clip()
     src = sed_checkpoint(d / "sed_model_tiny.pth", clip)
-    proc = run_cli("convert-weights", "sed", src, d / "sed.pt", check=0)
+    proc = run_cli("convert-weights", "sed", src, d / "sed.pt", "-v", check=0)
     return {"clip": clip, "weights": d / "sed.pt", "src": src, "log": proc.stderr, "info": json.loads(proc.stdout)}
 
 

@@ -88,7 +88,7 @@ def test_a_unimatch_checkpoint_converts_and_predicts_like_unimatchs_model(tmp_pa
     sd = unimatch_layout()
     torch.save({"model": sd, "optimizer": {}, "epoch": 3, "previous_best": 41.2}, tmp_path / "best.pth")
     dst = tmp_path / "converted" / "best.pt"
-    proc = run_cli("convert-weights", "unimatch-checkpoint", tmp_path / "best.pth", dst, "--recipe", recipe, check=0)
+    proc = run_cli("convert-weights", "unimatch-checkpoint", tmp_path / "best.pth", dst, "--recipe", recipe, "-v", check=0)
     assert json.loads(proc.stdout)["keys"] == len(sd)
     assert "module.head.b4.gap.1.weight -> head.aspp.branches.4.conv.0.weight" in proc.stderr
 
@@ -122,18 +122,19 @@ def test_a_missing_or_extra_key_is_one_line_naming_it(tmp_path, recipe):
     assert proc.returncode == 2 and "--recipe does not apply" in proc.stderr
 
 
-def test_an_xception65_checkpoint_is_refused_in_one_line(tmp_path, recipe):
-    """UniMatch's Xception-65 is not timm's xception65 under other names (see the converter's docstring), so a
-    COCO recipe, or a checkpoint with its backbone names under any recipe, is refused instead of mis-converted."""
+def test_an_xception65_checkpoint_under_a_recipe_of_another_backbone_is_refused_in_one_line(tmp_path, recipe):
+    """UniMatch's Xception-65 is not timm's xception65 under other names (see the converter's docstring): its
+    checkpoint converts with the coco recipes (`xception65_unimatch`, tests/test_xception.py), and under a
+    recipe of another backbone it is refused, naming the recipe to use, instead of mis-converted."""
     # a few keys in UniMatch's Xception layout (model/backbone/xception.py: blockN.skip / sepconvK.depthwise, conv3..5)
     sd = {f"module.backbone.{k}": torch.zeros(1) for k in
           ("conv1.weight", "block1.skip.weight", "block2.sepconv2.depthwise.weight", "conv5.bn2.running_var")}
     sd.update({k: v for k, v in unimatch_layout().items() if not k.startswith("module.backbone.")})
     torch.save({"model": sd}, tmp_path / "coco.pth")
-    for recipe_arg in ("unimatch-coco-1_32", recipe):
+    for sets in ([], ["--set", "model.backbone=xception65"]):
         proc = run_cli("convert-weights", "unimatch-checkpoint", tmp_path / "coco.pth", tmp_path / "x.pt",
-                       "--recipe", recipe_arg, "-q")
+                       "--recipe", recipe if not sets else "unimatch-coco-1_32", *sets, "-q")
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-        assert "Xception-65 checkpoints (COCO recipes) are not supported yet" in lines[0]
+        assert "xception65_unimatch" in lines[0] and "not timm's xception65" in lines[0]
         assert not (tmp_path / "x.pt").exists()

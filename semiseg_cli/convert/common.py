@@ -43,7 +43,8 @@ def check_and_report(mapping: list[tuple[str, str | None]], source: dict, conver
 
 
 def print_mapping(mapping: list[tuple[str, str | None]], reasons: dict[str, str]) -> None:
-    """Every `old -> new` pair on stderr (detectron2's converter style), dropped keys with their reason."""
+    """Every `old -> new` pair on stderr (detectron2's converter style), dropped keys with their reason
+    (`convert-weights -v`)."""
     for old, new in mapping:
         err.print(f"  {old} -> {new if new else '(dropped: ' + reasons.get(old, 'unused') + ')'}", markup=False)
 

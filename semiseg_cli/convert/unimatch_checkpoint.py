@@ -18,19 +18,12 @@ models/deeplabv3plus.py under other names:
 The recipe (`--recipe`, e.g. unimatch-voc-92) gives the architecture and the dataset; the result holds the
 weights and that resolved config, so `eval`, `infer` and `gen-pseudo --model checkpoint` take it directly.
 
-COCO's Xception-65 (UniMatch `model/backbone/xception.py`, recipes unimatch-coco-*) is refused, not renamed.
-Its 792 tensors do match timm's xception65 one to one (conv1/bn1/conv2/bn2 -> stem.{0,1}, block1..20 ->
-blocks.0..19 with skip/skipbn -> shortcut.{conv,bn} and sepconvK.{depthwise,bn1,pointwise,bn2} ->
-stack.convK.{conv_dw,bn_dw,conv_pw,bn_pw}, conv3..5 -> blocks.20.stack.conv1..3), but it computes another
-function at output stride 16, so renamed weights would give other logits:
-  - c1 is block2's sepconv2 output before the ReLU (block2 is built with inplace=False to keep it so);
-    timm's c1 is the output of blocks.1.stack.act3, after it;
-  - the exit flow is undilated (rate = 16 // os = 1 for block20 and conv3..5); timm, like DeepLab's TF
-    model, dilates its last unit (blocks.20, i.e. conv3..5) by 2;
-  - in the middle flow (block4..19, identity skip) sepconv1's in-place ReLU also rectifies the skip, so the
-    block is relu(x) + F(relu(x)); timm's is x + F(relu(x));
-  - BatchNorm eps is PyTorch's 1e-5 (only momentum is changed); timm's xception65 uses 1e-3.
-Supporting it needs UniMatch's Xception as a model of our own, not a rename table.
+COCO's Xception-65 checkpoints (recipes unimatch-coco-*, `model.backbone: xception65_unimatch`) convert by
+the same table: models/xception.py is UniMatch's Xception under UniMatch's names (backbone.conv1, bn1, conv2,
+bn2, block1..20 with skip/skipbn and sepconvK.{depthwise,bn1,pointwise,bn2}, conv3..5). timm's xception65 has
+the same 792 tensors but computes another function (c1 before its ReLU, undilated exit flow at output stride
+16, ReLU on the middle-flow skips, BN eps 1e-5; models/xception.py), so a recipe with timm's `xception65` is
+refused for these files rather than renamed.
 """
 from __future__ import annotations
 
@@ -40,9 +33,11 @@ from semiseg_cli.convert.common import Converted, check_and_report, load_state_d
 from semiseg_cli.errors import UserError
 
 TARGET_KIND = ""  # the summary names the model and recipe
-XCEPTION_UNSUPPORTED = ("UniMatch's Xception-65 checkpoints (COCO recipes) are not supported yet: that network is not "
-                        "timm's xception65 under other names (c1 before its ReLU, undilated exit flow, ReLU on the "
-                        "middle-flow skips, BN eps 1e-5), so its weights would give other predictions")
+XCEPTION_BACKBONE = "xception65_unimatch"
+XCEPTION_OTHER = ("this is UniMatch's Xception-65, which is not timm's xception65 under other names (c1 before its "
+                  "ReLU, undilated exit flow, ReLU on the middle-flow skips, BN eps 1e-5): convert it with a recipe "
+                  "whose model.backbone is xception65_unimatch (the unimatch-coco-* recipes), e.g. --set "
+                  "model.backbone=xception65_unimatch")
 XCEPTION_KEY = re.compile(r"^backbone\.(block\d+|conv[345])\.")  # UniMatch's Xception names, e.g. backbone.block1.skip
 RENAMES = [
     (r"^backbone\.", "backbone."),
@@ -78,11 +73,10 @@ def convert(fmt: str, src: str, backbone: str | None, recipe: str | None = None,
     if cfg["model"]["name"] != "deeplabv3plus":
         raise UserError(f"unimatch-checkpoint converts DeepLabV3+ models; recipe {recipe} has model.name "
                         f"{cfg['model']['name']!r}")
-    if cfg["model"]["backbone"].startswith("xception"):
-        raise UserError(XCEPTION_UNSUPPORTED)
     source = load_state_dict(src)
-    if any(XCEPTION_KEY.match(k.removeprefix("module.")) for k in source):  # e.g. a COCO checkpoint, a VOC recipe
-        raise UserError(XCEPTION_UNSUPPORTED)
+    if cfg["model"]["backbone"] != XCEPTION_BACKBONE and any(XCEPTION_KEY.match(k.removeprefix("module."))
+                                                             for k in source):
+        raise UserError(f"{src}: {XCEPTION_OTHER}")
     reference = build_model(cfg, load_weights=False).state_dict()
     mapping = [(k, rename(k)) for k in source]
     unknown = [k for k, new in mapping if new is None]

@@ -3,7 +3,8 @@
 Writes `<out>/<stem>.png` (index PNG with the dataset palette) per image and, with overlay,
 `<out>/overlay/<stem>.png` (the image blended with the colour mask). Images are decoded in DataLoader
 workers; consecutive images of the same size are stacked into one batch. A corrupt image is reported
-and skipped; the others are written.
+and skipped; the others are written. The output folder is checked before any image is read, a full disk
+is one line naming the file, and the folders written are named on stderr at the end.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from semiseg_cli.console import err, progress
 from semiseg_cli.data.facts import IGNORE_INDEX, palette
 from semiseg_cli.data.reader import load_image
 from semiseg_cli.data.transforms import eval_resize, eval_resize_of, normalize, to_uint8_tensor
-from semiseg_cli.errors import UserError
+from semiseg_cli.errors import UserError, check_output_dir, writing
 from semiseg_cli.io import save_index_png, write_atomic
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -142,8 +143,9 @@ def model_scores(model, cfg: dict):
 def infer(model, cfg: dict, images: str | Path, out: str | Path, device: torch.device, crf: bool = False,
           with_overlay: bool = False, batch_size: int = 4, workers: int = 2) -> dict:
     """Predict every image of `images` into `out`. Returns {"written": n, "failed": [lines], "out"}."""
-    files = list_images(images)
     out = Path(out)
+    check_output_dir(out)
+    files = list_images(images)
     out.mkdir(parents=True, exist_ok=True)
     if with_overlay:
         (out / "overlay").mkdir(exist_ok=True)
@@ -156,9 +158,14 @@ def infer(model, cfg: dict, images: str | Path, out: str | Path, device: torch.d
             err.print(f"skipped: {scores}", markup=False)
             continue
         mask = scores.argmax(0).astype(np.uint8)
-        save_index_png(mask, out / f"{files[i].stem}.png", pal)
+        with writing(out / f"{files[i].stem}.png"):
+            save_index_png(mask, out / f"{files[i].stem}.png", pal)
         if with_overlay:
             picture = Image.fromarray(overlay(image, mask, pal))
-            write_atomic(out / "overlay" / f"{files[i].stem}.png", lambda f: picture.save(f, format="PNG"))
+            with writing(out / "overlay" / f"{files[i].stem}.png"):
+                write_atomic(out / "overlay" / f"{files[i].stem}.png", lambda f: picture.save(f, format="PNG"))
         written += 1
+    err.print(f"wrote {written} mask(s) to {out}", markup=False)
+    if with_overlay:
+        err.print(f"wrote {written} overlay(s) to {out / 'overlay'}", markup=False)
     return {"written": written, "failed": failed, "out": str(out)}

@@ -10,6 +10,11 @@ Launch:
     2 nodes x 4 GPUs:          torchrun --nnodes=2 --nproc_per_node=4 --rdzv_backend=c10d \\
                                  --rdzv_endpoint=HOST:29500 --rdzv_id=job1 -m semiseg_cli train --recipe ...
 `train.global_batch` is the batch over all processes; each process takes global_batch / world_size.
+
+Interrupts: in one process, SIGINT / SIGTERM take effect at the next iteration boundary, where last.pt is
+saved (`_StopAtBoundary`); the CLI then exits with 130 / 143. Under torchrun they stop at once (a rank may
+be inside a collective), keeping the last periodic last.pt. `--resume` refuses a changed schedule (total
+iterations) and does nothing for a finished run.
 """
 from __future__ import annotations
 
@@ -19,10 +24,13 @@ import json
 import math
 import os
 import random
+import signal
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +47,8 @@ from semiseg_cli.distributed import DistEnv, barrier, cleanup, init_distributed
 from semiseg_cli.engine.checkpoint import check_fits, load_checkpoint
 from semiseg_cli.engine.evaluate import autocast_for, evaluate
 from semiseg_cli.engine.optim import build_optimizer, lr_at, set_lr
-from semiseg_cli.errors import UserError
+from semiseg_cli.errors import (Interrupted, UserError, check_output_dir, expect_workers_to_die, signal_in_forked_child,
+                                 writing)
 from semiseg_cli.io import leftover_temps, save_atomic, state_checksum, write_text_atomic
 from semiseg_cli.methods import METHODS
 from semiseg_cli.models import build_model
@@ -160,8 +169,10 @@ class RunLog:
         self.counts: dict[str, int] = {}
         self.steps, self.t0 = 0, time.time()
         self.tb = None
+        self.path = out / "log.jsonl"
         if enabled:
-            self.file = open(out / "log.jsonl", "a")
+            with writing(self.path, atomic=False):
+                self.file = open(self.path, "a")
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # torch's writer needs the tensorboard package
@@ -186,15 +197,17 @@ class RunLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        with writing(self.path, atomic=False):
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
         for k, v in record.items():
             if self.tb is not None and isinstance(v, (int, float)) and k != "iter":
                 self.tb.add_scalar(k, v, record["iter"])
 
     def close(self) -> None:
-        if self.enabled:
-            self.file.close()
+        if self.enabled and not self.file.closed:
+            with contextlib.suppress(OSError):  # a full disk was reported already
+                self.file.close()
             if self.tb is not None:
                 self.tb.close()
 
@@ -294,17 +307,89 @@ def remove_leftover_temps(out: Path) -> None:
 def train(cfg: dict, out: str | Path, resume: bool = False) -> dict:
     """Train `cfg` into run folder `out`; with `resume`, continue exactly where out/last.pt stopped.
 
-    Returns the last evaluation's metrics.
+    Returns the last evaluation's metrics ({} when a resumed run was already finished). SIGINT / SIGTERM raise
+    errors.Interrupted (a BaseException, not a KeyboardInterrupt), in one process after saving last.pt.
     """
+    started = time.time()
     out = Path(out)
+    check_output_dir(out)
     env = init_distributed()
     try:
         # rank 0 alone writes the run folder, so it alone takes the lock (before prepare_run_dir, so that
         # a live run is reported as such rather than as "already holds a run")
         with RunLock(out) if env.is_main else contextlib.nullcontext():
-            return _loop(_setup(cfg, out, resume, env))
+            run = _setup(cfg, out, resume, env)
+            if run is None:  # resumed a finished run
+                return {}
+            result = _loop(run)
+            if env.is_main:
+                _summary(run, time.time() - started)
+            return result
     finally:
         cleanup()
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
+
+
+def _summary(run: "Run", seconds: float) -> None:
+    """The end-of-training lines on stderr: time, best mIoU, the checkpoints, the next command."""
+    resumed = f" (resumed at {run.start})" if run.start else ""
+    at = f" at iteration {run.best_iter}" if run.best_iter else ""  # unknown in checkpoints older than best_iter
+    err.print(f"done: {run.total - run.start} iterations in {_duration(seconds)}{resumed}; best mIoU {run.best:.2f}{at}",
+              markup=False)
+    best = f"iteration {run.best_iter}" if run.best_iter else "best"
+    err.print(f"checkpoints: {run.out / 'best.pt'} ({best}), {run.out / 'last.pt'} (iteration {run.total})", markup=False)
+    err.print(f"next: semiseg eval --run {run.out}", markup=False)
+
+
+class _StopAtBoundary:
+    """Defers SIGINT / SIGTERM to the next iteration boundary (`signum` is then set), so that the loop can
+    save a last.pt that belongs to one iteration: raised mid-step (between the parameter groups of
+    optimizer.step, during a save) an interrupt would leave weights of no iteration. A second signal stops
+    at once (a step or an evaluation that hangs).
+
+    Only in one process and the main thread (signal handlers live there); under torchrun the interrupt is
+    not deferred, since a rank that stops at its boundary leaves the others waiting in a collective."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.signum: int | None = None
+
+    def __enter__(self) -> "_StopAtBoundary":
+        if self.enabled:
+            self.pid = os.getpid()
+            self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+            self.previous[signal.SIGCHLD] = signal.getsignal(signal.SIGCHLD)  # see expect_workers_to_die
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if os.getpid() != self.pid:  # a forked DataLoader worker of an evaluation
+            return signal_in_forked_child(signum)
+        if self.signum is not None:
+            raise Interrupted(signum)
+        self.signum = signum
+        expect_workers_to_die()
+        # os.write, not print: a handler may run in the middle of a print to stderr
+        os.write(2, b"stopping after this iteration, then saving last.pt (interrupt again to stop at once)\n")
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            for s, handler in self.previous.items():
+                if s == signal.SIGCHLD and self.signum is not None:  # stopping: workers may still be ending
+                    continue
+                signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+
+def _interrupted_line(run: "Run", it: int) -> str:
+    """What an interrupted run kept and how to continue it."""
+    if not run.saved_iter:
+        return f"interrupted at iteration {it}; no checkpoint yet; start again with the same command"
+    kept = "last.pt saved" if run.saved_iter == it else f"last.pt of iteration {run.saved_iter} kept"
+    return f"interrupted at iteration {it}; {kept}; continue with: semiseg train --out {run.out} --resume"
 
 
 @dataclass
@@ -326,11 +411,13 @@ class Run:
     total: int
     iters_per_epoch: int
     eval_every: int
+    best_iter: int = 0        # the iteration of best.pt (0: unknown, a checkpoint older than this field)
     saved_iter: int = 0       # the iteration of the last checkpoint written
 
 
-def _setup(cfg: dict, out: Path, resume: bool, env: DistEnv) -> Run:
-    """Run folder, model, streams, optimizer and method state; restored from out/last.pt with `resume`."""
+def _setup(cfg: dict, out: Path, resume: bool, env: DistEnv) -> Run | None:
+    """Run folder, model, streams, optimizer and method state; restored from out/last.pt with `resume`
+    (None: that run is finished)."""
     if env.is_main:
         prepare_run_dir(out, resume)
         remove_leftover_temps(out)
@@ -344,6 +431,9 @@ def _setup(cfg: dict, out: Path, resume: bool, env: DistEnv) -> Run:
     if not any(p.requires_grad for p in model.parameters()):
         raise UserError(f"model.name={cfg['model']['name']} has no trainable parameters (a training-free model); "
                         "nothing to train")
+    if ckpt:
+        check_fits(model, ckpt["model"], out / "last.pt", "the model of this config (resume with the run's own "
+                   "model settings, or train into a new --out)")
 
     val = build_dataset(cfg, "val")
     streams = {name: build_stream(cfg, name) for name in method.LOADERS}
@@ -353,6 +443,8 @@ def _setup(cfg: dict, out: Path, resume: bool, env: DistEnv) -> Run:
         raise UserError(f"the split has {epoch_len} training images, fewer than one batch of {per_gpu} per process")
     total = tr["iters"] or tr["epochs"] * iters_per_epoch
     eval_every = tr["eval_every"] if tr["iters"] else tr["eval_every"] * iters_per_epoch
+    if ckpt and _finished(ckpt, total, iters_per_epoch, out, env):
+        return None
 
     cuda = env.device.type == "cuda"
     if cuda and tr["channels_last"]:
@@ -361,15 +453,14 @@ def _setup(cfg: dict, out: Path, resume: bool, env: DistEnv) -> Run:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # SyncBN only on CUDA with several processes
     optimizer = build_optimizer(cfg, model)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and tr["amp"] == "fp16")
-    start, best = 0, -1.0
+    start, best, best_iter = 0, -1.0, 0
     state = method.make_state(cfg, model, out, env) if hasattr(method, "make_state") else None
     if ckpt:
-        check_fits(model, ckpt["model"], out / "last.pt", "the model of this config (resume with the run's own "
-                   "model settings, or train into a new --out)")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         start, best = ckpt["iteration"], ckpt["best_miou"]
+        best_iter = ckpt.get("best_iter", 0)
         if hasattr(state, "load_state_dict") and ckpt.get("method_state") is not None:
             state.load_state_dict(ckpt["method_state"])
         _set_rng_state(ckpt["rng"][env.rank] if env.rank < len(ckpt["rng"]) else ckpt["rng"][0])
@@ -387,54 +478,108 @@ def _setup(cfg: dict, out: Path, resume: bool, env: DistEnv) -> Run:
         run_info = {"version": __version__, "git_sha": git_sha(), "world_size": env.world, "per_gpu_batch": per_gpu,
                     "global_batch": tr["global_batch"], "total_iters": total, "iters_per_epoch": iters_per_epoch,
                     "device": str(env.device)}
-        write_text_atomic(out / "config.yaml", dump({**cfg, "_run": run_info}))
+        with writing(out / "config.yaml"):
+            write_text_atomic(out / "config.yaml", dump({**cfg, "_run": run_info}))
         err.print(f"training {cfg['method']} on {cfg['dataset']['name']}/{cfg['dataset']['split']}: {total} iterations "
                   f"({iters_per_epoch}/epoch), {env.world} process(es) x batch {per_gpu}, device {env.device}"
                   + (f", resuming at {start}" if start else ""))
     return Run(cfg, out, env, method, model, net, optimizer, scaler, state, val, loaders, start, best, total,
-               iters_per_epoch, eval_every)
+               iters_per_epoch, eval_every, best_iter)
+
+
+def _finished(ckpt: dict, total: int, iters_per_epoch: int, out: Path, env: DistEnv) -> bool:
+    """Whether a resumed run has nothing left to do; a changed schedule is refused: the LR of every
+    iteration depends on the total, so a longer train.iters would not continue the run's schedule."""
+    old = ckpt["config"]["train"]
+    planned = ckpt.get("total_iters") or old["iters"] or old["epochs"] * iters_per_epoch  # older files: from the config
+    if total != planned:
+        raise UserError(f"{out / 'last.pt'}: the run was planned for {planned} iterations, the config now gives {total} "
+                        "(train.iters / train.epochs / train.global_batch or the process count changed); the LR "
+                        "schedule depends on the total, so resume without changing them, or train the longer "
+                        "schedule into a new --out")
+    if ckpt["iteration"] < total:
+        return False
+    if env.is_main:
+        err.print(f"{out} is finished ({ckpt['iteration']} of {total} iterations); nothing to do. "
+                  f"Evaluate it with: semiseg eval --run {out}", markup=False)
+    return True
 
 
 def _loop(run: Run) -> dict:
-    """Iterations start..total: LR, forward under autocast, backward, step, log, periodic eval + checkpoint."""
+    """Iterations start..total (`_step`); an interrupt stops at an iteration boundary with last.pt saved."""
     cfg, env, tr = run.cfg, run.env, run.cfg["train"]
-    kinds = key_kinds(run.method.LOADERS)
-    channels_last = env.device.type == "cuda" and tr["channels_last"]
     log = RunLog(run.out, env.is_main)
-    amp = autocast_for(cfg, env)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=env.device)  # any non-finite loss so far
+    step = partial(_step, run, log, autocast_for(cfg, env), key_kinds(run.method.LOADERS),
+                   env.device.type == "cuda" and tr["channels_last"], nonfinite)
     result: dict = {}
-    nonfinite = torch.zeros((), dtype=torch.bool, device=env.device)
     run.saved_iter = it = run.start
 
-    batches = zip(*run.loaders)
+    batches = iter(zip(*run.loaders))
     if err.is_terminal:  # a live bar on a terminal; the log lines below are printed above it
         batches = progress(batches, total=run.total - run.start, desc="train")
-    for parts in batches:
-        epoch = it // run.iters_per_epoch
-        batch = _to_device(parts, run.method.LOADERS, kinds, env.device, channels_last)
-        lr = lr_at(cfg, it, run.total, run.iters_per_epoch)
-        set_lr(run.optimizer, lr)
-        with amp:
-            loss, logs = run.method.train_step(run.net, batch, StepContext(cfg, it, run.total, env, run.state, epoch))
-        run.optimizer.zero_grad(set_to_none=True)
-        run.scaler.scale(loss).backward()
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-        nonfinite |= ~torch.isfinite(loss.detach())  # accumulated on the device: no sync per step
-        log.add({"loss": loss.detach(), **logs})
-        it += 1
-
-        if it % tr["log_every"] == 0 or it == run.total:
-            _check_finite(run, nonfinite, it)
-            rec = {"iter": it, "epoch": epoch, "lr": lr, **log.means()}
-            log.write(rec)
-            if env.is_main:
-                err.print(" ".join(f"{k} {v}" for k, v in rec.items()), markup=False)
-        if it % run.eval_every == 0 or it == run.total:
-            _check_finite(run, nonfinite, it, weights=True)
-            result = _evaluate_and_save(run, log, it, epoch)
-    log.close()
+    stop = _StopAtBoundary(env.world == 1)
+    try:
+        with stop:
+            while stop.signum is None:
+                try:
+                    parts = next(batches)
+                except StopIteration:
+                    break
+                except RuntimeError:  # DataLoader workers ended by a signal to the whole process group
+                    if stop.signum is None:
+                        raise
+                    break  # before the step: the weights are still those of iteration `it`
+                result = step(parts, it) or result
+                it += 1
+            if stop.signum is not None and it < run.total:
+                if it > run.saved_iter:  # the weights are those of iteration `it`: save them
+                    _check_finite(run, nonfinite, it, weights=True)
+                    _save_checkpoint(run, it, improved=False, rng=_gather_rng(env))
+                raise Interrupted(stop.signum, _interrupted_line(run, it))
+    except Interrupted as e:  # a second signal, or any signal under torchrun: stopped mid-iteration
+        e.line = e.line or _interrupted_line(run, it)
+        raise
+    except RuntimeError:  # workers ended (as above) during an evaluation: mid-iteration, nothing saved
+        if stop.signum is None:
+            raise
+        raise Interrupted(stop.signum, _interrupted_line(run, it)) from None
+    finally:
+        log.close()
+        if hasattr(batches, "close"):  # ends the live bar before the CLI prints its last line
+            batches.close()
     return result
+
+
+def _step(run: Run, log: RunLog, amp, kinds: dict, channels_last: bool, nonfinite: torch.Tensor,
+          parts, it: int) -> dict | None:
+    """Iteration it + 1: LR, forward under autocast, backward, step, log, then the periodic evaluation and
+    checkpoint (returns its metrics; None when there was none)."""
+    cfg, env, tr = run.cfg, run.env, run.cfg["train"]
+    epoch = it // run.iters_per_epoch
+    batch = _to_device(parts, run.method.LOADERS, kinds, env.device, channels_last)
+    lr = lr_at(cfg, it, run.total, run.iters_per_epoch)
+    set_lr(run.optimizer, lr)
+    with amp:
+        loss, logs = run.method.train_step(run.net, batch, StepContext(cfg, it, run.total, env, run.state, epoch))
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    nonfinite.logical_or_(~torch.isfinite(loss.detach()))  # accumulated on the device: no sync per step
+    log.add({"loss": loss.detach(), **logs})
+    it += 1
+
+    if it % tr["log_every"] == 0 or it == run.total:
+        _check_finite(run, nonfinite, it)
+        rec = {"iter": it, "epoch": epoch, "lr": lr, **log.means()}
+        log.write(rec)
+        if env.is_main:
+            err.print(" ".join(f"{k} {v}" for k, v in rec.items()), markup=False)
+    if it % run.eval_every == 0 or it == run.total:
+        _check_finite(run, nonfinite, it, weights=True)
+        return _evaluate_and_save(run, log, it, epoch)
+    return None
 
 
 def _to_device(parts, names, kinds: dict, device: torch.device, channels_last: bool) -> dict:
@@ -466,28 +611,46 @@ def _check_finite(run: Run, nonfinite: torch.Tensor, it: int, weights: bool = Fa
 def _evaluate_and_save(run: Run, log: RunLog, it: int, epoch: int) -> dict:
     """Evaluate, let the method react (PrevMatch's pool), write last.pt (and best.pt when improved)."""
     env = run.env
-    result = evaluate(run.model, run.cfg, run.val, env, workers=min(run.cfg["train"]["workers"], 2))
+    result = evaluate(run.model, run.cfg, run.val, env, workers=min(run.cfg["train"]["workers"], 2),
+                      progress=partial(_eval_progress, it) if env.is_main else None)
     rng = _gather_rng(env)
     improved = result["miou"] > run.best  # the metrics are all-reduced: every process agrees
     run.best = max(run.best, result["miou"])
+    run.best_iter = it if improved else run.best_iter
     if hasattr(run.state, "after_eval"):
         run.state.after_eval(run.model, improved, it)
     if env.is_main:
         log.write({"iter": it, "epoch": epoch, "miou": result["miou"], "best_miou": run.best,
                    "miou_paper": result["miou_paper"], "pixel_acc": result["pixel_acc"]})
         err.print(f"eval @ {it}: mIoU {result['miou']:.2f} (best {run.best:.2f})")
-        weights = run.model.state_dict()
-        checkpoint = {"model": weights, "checksum": state_checksum(weights), "optimizer": run.optimizer.state_dict(),
-                      "scaler": run.scaler.state_dict(), "iteration": it, "best_miou": run.best, "rng": rng,
-                      "method_state": run.state.state_dict() if hasattr(run.state, "state_dict") else None,
-                      "config": run.cfg, "version": __version__}
-        save_atomic(checkpoint, run.out / "last.pt")
-        if improved:
-            save_atomic(checkpoint, run.out / "best.pt")
-        write_text_atomic(run.out / "eval.json", json.dumps({**result, "iter": it, "best_miou": run.best}, indent=2))
+        _save_checkpoint(run, it, improved, rng)
+        with writing(run.out / "eval.json"):
+            write_text_atomic(run.out / "eval.json", json.dumps({**result, "iter": it, "best_miou": run.best}, indent=2))
     run.saved_iter = it
     barrier()
     return result
+
+
+def _eval_progress(it: int, items, total: int, desc: str):
+    """The progress of a periodic evaluation: about four plain lines (or the bar's own line) per evaluation."""
+    return progress(items, total=total, desc=f"{desc} @ {it}", every=max(1, -(-total // 4)))
+
+
+def _save_checkpoint(run: Run, it: int, improved: bool, rng: list) -> None:
+    """last.pt (and best.pt when `improved`) of iteration `it`, written atomically by rank 0: a full disk
+    leaves the previous file and says so in one line."""
+    if not run.env.is_main:
+        return
+    weights = run.model.state_dict()
+    checkpoint = {"model": weights, "checksum": state_checksum(weights), "optimizer": run.optimizer.state_dict(),
+                  "scaler": run.scaler.state_dict(), "iteration": it, "best_miou": run.best, "best_iter": run.best_iter,
+                  "total_iters": run.total, "rng": rng,
+                  "method_state": run.state.state_dict() if hasattr(run.state, "state_dict") else None,
+                  "config": run.cfg, "version": __version__}
+    for name in ("last.pt", "best.pt") if improved else ("last.pt",):
+        with writing(run.out / name):
+            save_atomic(checkpoint, run.out / name)
+    run.saved_iter = it
 
 
 def _gather_rng(env: DistEnv) -> list:

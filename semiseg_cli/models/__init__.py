@@ -76,6 +76,7 @@ CONVERT_HINT = {
     "resnet101c": "semiseg convert-weights mmseg-resnet resnet101_v1c-e67eebb6.pth {dst}",  # SemiVL Cityscapes stem
     "tf_efficientnet_lite0": "semiseg convert-weights efficientnet-lite0 - {dst}",
     "efficientnet_lite0": "semiseg convert-weights efficientnet-lite0 - {dst} --backbone efficientnet_lite0",
+    "xception65_unimatch": "semiseg convert-weights unimatch-xception pretrained/xception.pth {dst}",
 }
 
 

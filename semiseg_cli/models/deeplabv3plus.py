@@ -1,8 +1,9 @@
 """DeepLabV3+ as in UniMatch (`model/semseg/deeplabv3plus.py`; specs/semivl_unimatch.md §1.3).
 
 Encoder: any timm backbone with `features_only` (UniMatch's ResNet-101 with the deep stem is timm's
-`resnet101s`; CPU recipes use resnet18 or efficientnet_lite0), output stride 16 by dilation, taking the
-stride-4 feature c1 and the last feature c4. Head: ASPP (1x1, atrous 6/12/18, image pooling; bias-free
+`resnet101s`; CPU recipes use resnet18 or efficientnet_lite0), or one of `OWN_BACKBONES` (UniMatch's
+Xception-65, `xception65_unimatch`, models/xception.py), output stride 16 by dilation, taking the stride-4
+feature c1 and the last feature c4. Head: ASPP (1x1, atrous 6/12/18, image pooling; bias-free
 conv + BN + ReLU, no dropout), c1 reduced to 48 channels, two 3x3 conv-BN-ReLU, 1x1 classifier.
 
 We write the head instead of using segmentation-models-pytorch's DeepLabV3Plus because that decoder
@@ -17,6 +18,16 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def _unimatch_xception(output_stride: int) -> nn.Module:
+    from semiseg_cli.models.xception import UniMatchXception
+
+    return UniMatchXception(output_stride)
+
+
+# backbone name -> builder(output_stride) of encoders that are not timm's: forward -> [c1, c4], feature_info
+OWN_BACKBONES = {"xception65_unimatch": _unimatch_xception}
 
 
 def conv_bn_relu(cin: int, cout: int, k: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -79,8 +90,11 @@ class DeepLabV3Plus(nn.Module):
 
     def __init__(self, backbone: str, num_classes: int, output_stride: int = 16, head_channels: int = 256):
         super().__init__()
-        self.backbone = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=(1, -1),
-                                          output_stride=output_stride)
+        if backbone in OWN_BACKBONES:
+            self.backbone = OWN_BACKBONES[backbone](output_stride)
+        else:
+            self.backbone = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=(1, -1),
+                                              output_stride=output_stride)
         c1, c4 = self.backbone.feature_info.channels()
         self.head = DeepLabV3PlusHead(c1, c4, num_classes, head_channels)
         self.fp_dropout = nn.Dropout2d(0.5)
