@@ -36,14 +36,16 @@ def cli(*args) -> None:
 
 
 def label_miou(pseudo: Path, truth: Path, names: list[str], k: int = 6) -> float:
-    """mIoU of the pseudo-labels against the OOD truth masks (classes present in either)."""
-    conf = np.zeros((k, k), np.int64)
+    """mIoU of the pseudo-labels against the OOD truth masks (the evaluator's confusion and metrics)."""
+    import torch
+
+    from semiseg_cli.engine.evaluate import confusion, metrics
+
+    conf = torch.zeros(k, k, dtype=torch.long)
     for n in names:
-        p, t = np.asarray(Image.open(pseudo / n)).ravel(), np.asarray(Image.open(truth / n)).ravel()
-        ok = p < k
-        conf += np.bincount(t[ok] * k + p[ok], minlength=k * k).reshape(k, k)
-    union = conf.sum(0) + conf.sum(1) - np.diag(conf)
-    return round(float(np.mean(np.diag(conf)[union > 0] / union[union > 0]) * 100), 2)
+        p, t = (torch.from_numpy(np.asarray(Image.open(d / n)).astype(np.int64)) for d in (pseudo, truth))
+        conf += confusion(p, t, k)
+    return round(metrics(conf, [str(c) for c in range(k)])["miou"], 2)
 
 
 def merged_root(data: Path, ood: Path, runs: Path) -> Path:

@@ -290,26 +290,9 @@ def generate_ood(root: str | Path, seed: int = 0, count: int | None = None) -> t
     """`count` OOD images under `root`: images/, masks/ (truth, for measuring labels) and OOD_LIST (one
     `images/<name>` per line, the `gen-pseudo --images` input). Resumable like `generate`."""
     root, count = Path(root), NUM_OOD if count is None else count
-    marker = root / OOD_MARKER
-    want = f"version {VERSION} seed {seed}"
-    if marker.is_file() and marker.read_text().strip() != want:
-        raise UserError(f"{root}: already holds OOD synthetic data made with {marker.read_text().strip()}, not {want}")
-    if not marker.is_file() and (root / "images").is_dir() and any((root / "images").iterdir()):
-        raise UserError(f"{root}: images/ exists but was not made by `semiseg prepare-data synthetic-ood`; use an empty root")
-    for sub in ("images", "masks"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    marker.write_text(want + "\n")
+    _claim(root, seed, OOD_MARKER, "synthetic-ood")
     names = [f"ood{i:05d}.png" for i in range(count)]
-    written = skipped = 0
-    for i in progress(range(count), total=count, desc="synthetic-ood"):
-        image, mask = root / "images" / names[i], root / "masks" / names[i]
-        if image.is_file() and mask.is_file():
-            skipped += 1
-            continue
-        rgb, labels = render_ood(seed, i)
-        save_index_png(labels, mask)
-        _write_rgb_png(image, rgb)
-        written += 1
+    written, skipped = _write_samples(root, names, lambda i: render_ood(seed, i), "synthetic-ood")
     write_split(root / "splits" / "truth.txt", [(f"images/{n}", f"masks/{n}") for n in names])
     (root / OOD_LIST).write_text("".join(f"images/{n}\n" for n in names))
     return written, skipped
@@ -325,22 +308,40 @@ def _write_rgb_png(path: Path, rgb: np.ndarray) -> None:
     write_atomic(path, lambda f: f.write(buf.tobytes()))
 
 
-def _claim(root: Path, seed: int) -> None:
+def _claim(root: Path, seed: int, marker_name: str = MARKER, command: str = "synthetic") -> None:
     """Record which generator version and seed own `root`; refuse a root owned by another seed."""
-    marker = root / MARKER
+    marker = root / marker_name
     want = f"version {VERSION} seed {seed}"
     if marker.is_file():
         have = marker.read_text().strip()
         if have != want:
-            raise UserError(f"{root}: already holds synthetic data made with {have}, not {want}; "
+            raise UserError(f"{root}: already holds {command} data made with {have}, not {want}; "
                             "use another root or delete this one")
         return
     images = root / "images"
     if images.is_dir() and any(images.iterdir()):
-        raise UserError(f"{root}: images/ exists but was not made by `semiseg prepare-data synthetic`; "
+        raise UserError(f"{root}: images/ exists but was not made by `semiseg prepare-data {command}`; "
                         "use an empty root")
     root.mkdir(parents=True, exist_ok=True)
     marker.write_text(want + "\n")
+
+
+def _write_samples(root: Path, names: list[str], draw, desc: str) -> tuple[int, int]:
+    """images/<name> and masks/<name> of every sample `draw(i)` -> (rgb, mask) not yet complete; returns
+    (written, skipped)."""
+    (root / "images").mkdir(exist_ok=True)
+    (root / "masks").mkdir(exist_ok=True)
+    written = skipped = 0
+    for i in progress(range(len(names)), total=len(names), desc=desc):
+        image, mask = root / "images" / names[i], root / "masks" / names[i]
+        if image.is_file() and mask.is_file():
+            skipped += 1
+            continue
+        rgb, labels = draw(i)
+        save_index_png(labels, mask)
+        _write_rgb_png(image, rgb)         # the image last: its presence with the mask marks a complete sample
+        written += 1
+    return written, skipped
 
 
 def generate(root: str | Path, seed: int = 0) -> tuple[int, int]:
@@ -354,20 +355,9 @@ def generate(root: str | Path, seed: int = 0) -> tuple[int, int]:
     if seed < 0:
         raise UserError(f"seed must be >= 0, got {seed}")
     _claim(root, seed)
-    (root / "images").mkdir(exist_ok=True)
-    (root / "masks").mkdir(exist_ok=True)
     total = NUM_LABELED + NUM_UNLABELED + NUM_VAL
     names = [f"{i:05d}.png" for i in range(total)]
-    written = skipped = 0
-    for i in progress(range(total), total=total, desc="synthetic"):
-        image, mask = root / "images" / names[i], root / "masks" / names[i]
-        if image.is_file() and mask.is_file():
-            skipped += 1
-            continue
-        rgb, labels = render(seed, i)
-        save_index_png(labels, mask)
-        _write_rgb_png(image, rgb)         # the image last: its presence with the mask marks a complete sample
-        written += 1
+    written, skipped = _write_samples(root, names, lambda i: render(seed, i), "synthetic")
 
     pairs = [(f"images/{n}", f"masks/{n}") for n in names]
     train, val = pairs[: NUM_LABELED + NUM_UNLABELED], pairs[NUM_LABELED + NUM_UNLABELED:]

@@ -140,7 +140,9 @@ def _cached(weights_path: str | Path, key: dict, compute) -> dict:
     return result
 
 
-def _flatten(classes: Names) -> tuple[list[str], list[int]]:
+def flatten_classes(classes: Names) -> tuple[list, list[int]]:
+    """(concepts, class index of each): a nested class list flattened one level (a concept stays a name or
+    a list of synonyms)."""
     names, index = [], []
     for i, concepts in enumerate(classes):
         concepts = [concepts] if isinstance(concepts, str) else list(concepts)
@@ -168,7 +170,7 @@ def concept_embeddings(weights_path: str | Path, classes: Names, template: str =
     Returns:
         (embeddings [M, E] float32, class_index [M] int64): the class of each row (arange(K) if averaged).
     """
-    names, index = _flatten(classes)
+    names, index = flatten_classes(classes)
     prompts = [_prompt(template, n) for n in names]
 
     def compute(sidecar: Path) -> dict:
@@ -201,7 +203,7 @@ def ensemble_embeddings(weights_path: str | Path, classes: list, templates: Sequ
     Returns:
         (embeddings [M, E] float32, class_index [M]): one row per concept, in class order.
     """
-    concepts, index = _flatten(classes)
+    concepts, index = flatten_classes(classes)
     synonyms = [[c] if isinstance(c, str) else list(c) for c in concepts]
     if any(not s or not all(isinstance(n, str) for n in s) for s in synonyms):
         raise UserError("a concept must be a name or a non-empty list of synonym names")

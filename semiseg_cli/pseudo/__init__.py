@@ -94,7 +94,7 @@ def sed_labeler(opts: dict, device) -> Labeler:
     from semiseg_cli.models.prompts import templates
     from semiseg_cli.models.sed import INPUT_SIZE, SED, sed_input
     from semiseg_cli.models.semivl import read_class_set
-    from semiseg_cli.models.text_embeddings import max_per_class, template_embeddings
+    from semiseg_cli.models.text_embeddings import flatten_classes, max_per_class, template_embeddings
 
     if not opts.get("weights") or not opts.get("classes"):
         raise UserError("gen-pseudo --model sed needs --weights FILE (from `semiseg convert-weights sed`) "
@@ -108,11 +108,7 @@ def sed_labeler(opts: dict, device) -> Labeler:
     names, classes = read_class_set(opts["classes"])
     cfg = load_config(None, list(opts.get("sets") or []))
     model = SED.from_file(opts["weights"]).to(device)
-    concepts, owner = [], []
-    for k, group in enumerate(classes):
-        group = [group] if isinstance(group, str) else group
-        concepts += group
-        owner += [k] * len(group)
+    concepts, owner = flatten_classes(classes)
     text = template_embeddings(opts["weights"], concepts, templates("imagenet80")).to(device)
     owner = torch.tensor(owner, device=device)
     dtype, tf32 = PRECISIONS[precision]
