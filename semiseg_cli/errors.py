@@ -80,6 +80,15 @@ def check_output_dir(path: str | Path, flag: str = "--out") -> None:
                         f"choose another {flag}")
 
 
+def check_output_file(path: str | Path, flag: str = "--out") -> None:
+    """Refuse, before any work, an output file that cannot be written: an existing folder, or a path whose
+    folder cannot be made or written (check_output_dir's rules)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; pass a file name")
+    check_output_dir(path.parent, flag)
+
+
 # errno -> how a failed write is described (the rest stay internal errors with their traceback)
 _WRITE_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
                  errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}

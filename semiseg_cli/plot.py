@@ -2,7 +2,8 @@
 more run folders (`semiseg plot`) and a row-normalised confusion matrix (`semiseg eval --confusion`).
 
 The curves come from each run's `log.jsonl`: training records (iter, loss, lr, mask_ratio) and evaluation
-records (iter, miou); runs are overlaid, one colour per run, labelled by the folder name.
+records (iter, miou); runs are overlaid, one colour per run, labelled by the folder name. The same log
+gives every run's results.csv (one row per evaluation), written by the trainer.
 """
 from __future__ import annotations
 
@@ -41,7 +42,40 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return its, [by_iter[i] for i in its]
 
 
+# results.csv: one row per evaluation, the training values of the log window that ended there
+RESULT_COLUMNS = ("iter", "epoch", "loss", "lr", "mask_ratio", "miou", "best_miou", "miou_paper", "pixel_acc",
+                  "it_per_s")
+
+
+def results_rows(records: list[dict]) -> list[dict]:
+    """The rows of results.csv from log records: per evaluated iteration, its evaluation values plus those
+    of the last training record at or before it ('' where a run does not log a column)."""
+    evals = {r["iter"]: r for r in records if "miou" in r and "iter" in r}
+    train = sorted(((r["iter"], r) for r in records if "loss" in r and "iter" in r), key=lambda t: t[0])
+    rows = []
+    for it in sorted(evals):
+        before = [r for i, r in train if i <= it]
+        merged = {**(before[-1] if before else {}), **evals[it]}
+        rows.append({c: merged.get(c, "") for c in RESULT_COLUMNS})
+    return rows
+
+
+def write_results_csv(run: Path) -> Path:
+    """RUN/results.csv from RUN/log.jsonl (rewritten whole, atomically: a resumed run's repeated iterations
+    appear once)."""
+    import csv
+
+    path = Path(run) / "results.csv"
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(results_rows(read_log(run)))
+    write_atomic(path, lambda f: f.write(buf.getvalue().encode()))
+    return path
+
+
 def _save(fig, out: Path) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     write_atomic(out, lambda f: f.write(buf.getvalue()))
@@ -108,3 +142,33 @@ def confusion_png(confusion: np.ndarray, class_names: list[str], out: Path, titl
     fig.tight_layout()
     _save(fig, Path(out))
     plt.close(fig)
+
+
+def overlay_with_legend(picture: np.ndarray, mask: np.ndarray, pal: np.ndarray, class_names: list[str],
+                        out: Path) -> None:
+    """`picture` (the blended overlay, [H, W, 3] uint8) at its own pixel size with, to its right, a legend
+    of the classes present in `mask` (most pixels first) in their palette colours."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    h, w = mask.shape
+    ids, counts = np.unique(mask, return_counts=True)
+    present = [int(c) for c, _ in sorted(zip(ids, counts), key=lambda t: -t[1]) if c < len(class_names)]
+    dpi, row = 100, 16                                     # legend rows of 16 px (font 8)
+    legend_w = 12 + 7 * max([len(class_names[c]) for c in present] + [4]) + 30
+    fig_h = max(h, row * len(present) + 12)
+    fig = plt.figure(figsize=((w + legend_w) / dpi, fig_h / dpi), dpi=dpi)
+    ax = fig.add_axes([0, 1 - h / fig_h, w / (w + legend_w), h / fig_h])
+    ax.imshow(picture, interpolation="nearest")
+    ax.axis("off")
+    handles = [Patch(facecolor=pal[c] / 255.0, edgecolor="black", linewidth=0.5, label=class_names[c]) for c in present]
+    if handles:
+        fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(w / (w + legend_w), 1), fontsize=8,
+                   frameon=False, handlelength=1.2, borderaxespad=0.3, labelspacing=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    write_atomic(Path(out), lambda f: f.write(buf.getvalue()))

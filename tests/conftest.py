@@ -59,3 +59,22 @@ def tiny_root(synthetic_root, tmp_path_factory) -> Path:
 # A training config that runs in seconds on a CPU: tiny encoder and head, small crops.
 TINY = ["dataset.split=tiny", "model.backbone=resnet18", "model.weights=null", "model.head_channels=16", "train.crop_size=64",
         "train.global_batch=4", "train.workers=0", "train.log_every=1"]
+
+
+@pytest.fixture
+def semiseg(monkeypatch, capsys):
+    """semiseg(*args) -> (exit code, stdout, stderr lines) of `semiseg ARGS` run in-process by main(), the
+    console script's entry point (exit codes and stderr as a shell sees them); a traceback fails the test."""
+    from semiseg_cli.cli import main
+
+    def call(*args):
+        monkeypatch.setattr(sys, "argv", ["semiseg", *map(str, args)])
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code or 0
+        out, err = capsys.readouterr()
+        assert "Traceback" not in err, err
+        return code, out, err.strip().splitlines()
+    return call

@@ -12,29 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from semiseg_cli.cli import main
 from semiseg_cli.io import leftover_temps
 from tests.conftest import TINY
 
 
 def tiny_args(root, *extra):
     return [a for s in [f"dataset.root={root}", *TINY, *extra] for a in ("--set", s)]
-
-
-@pytest.fixture
-def semiseg(monkeypatch, capsys):
-    """semiseg(*args) -> (exit code, stdout, stderr lines) of `semiseg ARGS` run by main()."""
-    def call(*args):
-        monkeypatch.setattr(sys, "argv", ["semiseg", *map(str, args)])
-        try:
-            main()
-            code = 0
-        except SystemExit as e:
-            code = e.code or 0
-        out, err = capsys.readouterr()
-        assert "Traceback" not in err, err
-        return code, out, err.strip().splitlines()
-    return call
 
 
 def sha(path: Path) -> str:

@@ -51,7 +51,7 @@ def test_camvid_masks_remapped_and_source_untouched(camvid_run):
     names = {s: sorted(p.name for p in (src / s).glob("*.png")) for s in ("train", "val")}
     assert (len(names["train"]), len(names["val"])) == (367, 101)
     assert first["written"] == 2 * (367 + 101) and first["skipped"] == 0
-    assert first["missing"] == 0 and first["expected"] == 2 * (367 + 101)
+    assert first["files_missing"] == 0 and first["files_listed"] == 2 * (367 + 101)
     for split, files in names.items():
         for name in files:
             link = root / split / name
@@ -66,7 +66,7 @@ def test_camvid_masks_remapped_and_source_untouched(camvid_run):
 def test_camvid_second_run_skips_everything(camvid_run):
     *_, first, second = camvid_run
     assert second["written"] == 0 and second["skipped"] == first["written"]
-    assert second["missing"] == 0
+    assert second["files_missing"] == 0
 
 
 def test_packaged_camvid_splits_match_the_generator(shared_data, tmp_path):
@@ -96,7 +96,7 @@ def test_cityscapes_label_ids_to_train_ids(shared_data, tmp_path):
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(sample / rel, src / rel)
     summary = prepare("cityscapes", src, tmp_path / "root", allow_partial=True)
-    assert summary["written"] == 2 and summary["missing"] > 0
+    assert summary["written"] == 2 and summary["files_missing"] > 0
     out = np.array(Image.open(tmp_path / "root" / f"gtFine/{stem}_gtFine_labelTrainIds.png"))
     shipped = np.array(Image.open(sample / f"gtFine/{stem}_gtFine_labelTrainIds.png"))
     assert out.shape == shipped.shape and (out != shipped).sum() <= 100  # README: 77 differ (downscaling)
@@ -130,7 +130,7 @@ def test_voc_and_sbd_masks(shared_data, tmp_path):
             savemat(sbd / "cls" / f"{id_}.mat", {"GTcls": {"Segmentation": seg, "CategoriesPresent": np.array([1])}})
     root = tmp_path / "root"
     summary = prepare("voc", tmp_path / "src", root, allow_partial=True)
-    assert summary["written"] == 10 and summary["missing"] == summary["expected"] - 10
+    assert summary["written"] == 10 and summary["files_missing"] == summary["files_listed"] - 10
     for id_, label in labels.items():
         out = Image.open(root / "SegmentationClass" / f"{id_}.png")
         assert out.mode == "P" and np.array_equal(np.array(out), label)
@@ -139,7 +139,7 @@ def test_voc_and_sbd_masks(shared_data, tmp_path):
     with pytest.raises(UserError) as excinfo:
         prepare("voc", tmp_path / "src", root)
     msg = _one_line_error(excinfo)
-    assert f"{summary['missing']} of {summary['expected']}" in msg and "--allow-partial" in msg
+    assert f"{summary['files_missing']} of {summary['files_listed']}" in msg and "--allow-partial" in msg
 
 
 # ------------------------------------------------------------------------------------------ COCO
@@ -388,7 +388,7 @@ def test_corrupt_mask_and_image_are_named(tmp_path):
 def test_partial_camvid_and_wrong_names(tmp_path):
     src = _small_camvid(tmp_path)
     summary = prepare("camvid", src, tmp_path / "root", allow_partial=True)
-    assert summary["written"] == 2 and summary["missing"] == summary["expected"]  # a.png is in no split list
+    assert summary["written"] == 2 and summary["files_missing"] == summary["files_listed"]  # a.png is in no split list
     assert (np.array(Image.open(tmp_path / "root" / "trainannot" / "a.png")) == 255).all()
     with pytest.raises(UserError) as excinfo:
         prepare("camvd", src, tmp_path / "root")

@@ -329,7 +329,7 @@ def test_prepare_context_links_checked_files_idempotently(shared_data, tmp_path)
     root = tmp_path / "context"
     args = ("prepare-data", "context", "--src", tmp_path / "download", "--root", root, "--allow-partial")
     first = json.loads(run_cli(*args, check=0).stdout)
-    assert first["written"] == 10 and first["expected"] == 4996 * 2 + 5104 * 2
+    assert first["written"] == 10 and first["files_listed"] == 4996 * 2 + 5104 * 2
     assert json.loads(run_cli(*args, check=0).stdout)["written"] == 0
     assert (root / val[0][1]).resolve() == (src / val[0][1]).resolve()
     cfg = load_config(None, ["dataset.name=context", f"dataset.root={root}", "dataset.split=1_32"])

@@ -13,7 +13,7 @@ from semiseg_cli.data.reader import load_image, load_mask
 from semiseg_cli.data.splits import read_split, split_path
 from semiseg_cli.errors import UserError
 
-SMALL = {"NUM_LABELED": 16, "NUM_UNLABELED": 24, "NUM_VAL": 40, "EXTRA_SPLITS": (4, 64)}
+SMALL = {"NUM_LABELED": 16, "NUM_UNLABELED": 24, "NUM_VAL": 40, "NUM_TEST": 8, "EXTRA_SPLITS": (4, 64)}
 SAMPLE = ["00000.png", "00007.png", "00023.png", "00055.png", "00079.png"]
 
 
@@ -32,12 +32,12 @@ def _gen(root, seed=0):
 
 
 def test_default_counts():
-    assert (synthetic.NUM_LABELED, synthetic.NUM_UNLABELED, synthetic.NUM_VAL) == (16, 1000, 200)
+    assert (synthetic.NUM_LABELED, synthetic.NUM_UNLABELED, synthetic.NUM_VAL, synthetic.NUM_TEST) == (16, 1000, 200, 200)
 
 
 def test_layout_counts_and_splits(tmp_path, small):
     root = tmp_path / "synth"
-    total = 16 + 24 + 40
+    total = 16 + 24 + 40 + 8
     assert _gen(root) == (total, 0)
     assert len(list((root / "images").glob("*.png"))) == total
     assert len(list((root / "masks").glob("*.png"))) == total
@@ -46,9 +46,10 @@ def test_layout_counts_and_splits(tmp_path, small):
     labeled = read_split(split_path("synthetic", "default", "labeled", root))
     unlabeled = read_split(split_path("synthetic", "default", "unlabeled", root))
     val = read_split(split_path("synthetic", "default", "val", root))
-    assert (len(labeled), len(unlabeled), len(val)) == (16, 24, 40)
+    test = read_split(split_path("synthetic", "default", "val", root, eval_split="test"))
+    assert (len(labeled), len(unlabeled), len(val), len(test)) == (16, 24, 40, 8)
     assert labeled[0] == ("images/00000.png", "masks/00000.png")
-    every = labeled + unlabeled + val
+    every = labeled + unlabeled + val + test
     assert len({i for i, _ in every}) == total                       # disjoint, nothing missing
     assert all((root / i).is_file() and (root / m).is_file() for i, m in every)
     assert len(read_split(root / "splits" / "4" / "labeled.txt")) == 4
@@ -95,7 +96,7 @@ def test_deterministic_across_roots_and_seeds(tmp_path, small):
 
 def test_idempotent_and_resumes(tmp_path, small):
     root = tmp_path / "synth"
-    total = 16 + 24 + 40
+    total = 16 + 24 + 40 + 8
     _gen(root, seed=1)
     before = {n: (root / "images" / n).read_bytes() for n in SAMPLE}
     assert _gen(root, seed=1) == (0, total)

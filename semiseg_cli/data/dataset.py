@@ -141,7 +141,7 @@ def build_dataset(cfg: dict, split: str, sample: str | None = None, seed_offset:
                             "`gen-pseudo --list` file) and dataset.ood_root=DIR (its --root)")
         path, root = Path(ds["ood_list"]), ds["ood_root"]
     else:
-        path = split_path(ds["name"], ds["split"], split, root)
+        path = split_path(ds["name"], ds["split"], split, root, ds["eval_split"])
     items = read_split(path, need_masks=split != "unlabeled")
     return SegDataset(
         root, items, sample or DEFAULT_SAMPLE[split], ds["num_classes"], crop_size=tr["crop_size"],

@@ -2,8 +2,11 @@
 
 Rules every converter follows:
 - The source folder (`src`) is only read: nothing in it is modified, moved or deleted.
-- Unchanged large files (images) are symlinked into `root` with absolute targets; masks that need
+- Unchanged large files (images) are symlinked into `root` with absolute targets (so the download must
+  stay where it is), or copied with `--copy` (a root that no longer needs the download); masks that need
   conversion are written as single-channel PNGs.
+- Every image and mask linked or copied is decoded in full first (in a thread pool), so a truncated or
+  damaged file in the download is one line naming it, not a training run that fails hours later.
 - Every output is written to a temporary name and then `os.replace`d, so a killed run never leaves a
   half-written file and "the output exists" means "the output is complete". A second run therefore
   skips every output that exists (it does not notice a changed source; delete the output to redo it).
@@ -17,6 +20,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -48,26 +53,48 @@ def _one_line(e: BaseException) -> str:
 
 
 def _check_image(path: Path) -> None:
-    """Read only the header, so that a non-image (HTML error page, empty file) is caught cheaply."""
+    """Decode the whole file: a non-image (an HTML error page, an empty file) and a truncated or damaged
+    one (which a header read would pass) are a UserError naming it."""
     try:
-        with Image.open(path):
-            pass
+        with Image.open(path) as im:
+            im.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise UserError(f"{path}: not a readable image ({_one_line(e)}); {_REPLACE_HINT}") from None
 
 
-def _link(target: Path, dst: Path) -> bool:
-    """Symlink `dst` -> absolute `target`; returns False (skipped) when `dst` already exists."""
-    if dst.exists():  # follows the link: a dangling link from a moved source is redone
-        return False
+class _Placing:
+    """How `_link` places source files during one `prepare` call: symlink or copy, checked in a pool."""
+    copy = False
+    pool: ThreadPoolExecutor | None = None
+
+
+def _place(target: Path, dst: Path) -> bool:
     _check_image(target)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(dst)
     if os.path.lexists(tmp):
         tmp.unlink()
-    tmp.symlink_to(target.absolute())
-    os.replace(tmp, dst)
+    try:
+        if _Placing.copy:
+            shutil.copyfile(target, tmp)
+        else:
+            tmp.symlink_to(target.absolute())
+        os.replace(tmp, dst)
+    finally:
+        if os.path.lexists(tmp):
+            tmp.unlink()
     return True
+
+
+def _link(target: Path, dst: Path) -> bool | Future:
+    """Symlink (with --copy: copy) `dst` -> absolute `target` once `target` decodes; False (skipped) when
+    `dst` already exists. Inside `prepare` the work runs in its pool and a Future is returned (`_tally`
+    waits for it)."""
+    if dst.exists():  # follows the link: a dangling link from a moved source is redone
+        return False
+    if _Placing.pool is not None:
+        return _Placing.pool.submit(_place, target, dst)
+    return _place(target, dst)
 
 
 def _save_mask(mask: np.ndarray, dst: Path, pal: np.ndarray | None = None) -> None:
@@ -113,8 +140,9 @@ def _find(src: Path, prefixes: Iterable[str], marker: str) -> Path | None:
     return None
 
 
-def _tally(results: Iterable[bool]) -> Counts:
-    results = list(results)
+def _tally(results: Iterable) -> Counts:
+    """(written, skipped) of `_link` / `_convert` results; waits for pooled ones (the first error raises)."""
+    results = [r.result() if isinstance(r, Future) else r for r in results]
     return sum(results), len(results) - sum(results)
 
 
@@ -488,11 +516,13 @@ def check_counts(name: str, root: Path) -> tuple[int, int, str | None]:
     return len(paths), len(missing), (missing[0] if missing else None)
 
 
-def prepare(name: str, src: Path | None, root: Path, allow_partial: bool = False) -> dict:
+def prepare(name: str, src: Path | None, root: Path, allow_partial: bool = False, copy: bool = False) -> dict:
     """Convert the download in `src` into the layout of dataset `name` under `root`, then check counts.
 
-    Returns {"dataset", "root", "written", "skipped", "expected", "missing"}; `expected`/`missing` count
-    the distinct files named by the split lists. Missing files raise UserError unless `allow_partial`.
+    Returns {"dataset", "root", "written", "skipped", "files_listed", "files_missing"}: `written`/`skipped`
+    count what the converter made or found complete (samples: image + mask), `files_listed`/`files_missing`
+    the distinct files (images and masks) named by the split lists. Missing files raise UserError unless
+    `allow_partial`.
     """
     if name not in CONVERTERS:
         raise UserError(f"no converter for dataset {name!r}{did_you_mean(name, CONVERTERS)}; "
@@ -512,10 +542,15 @@ def prepare(name: str, src: Path | None, root: Path, allow_partial: bool = False
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"{root}: cannot create the dataset root ({e.strerror}); choose another --root") from None
-    written, skipped = CONVERTERS[name](src, root)
+    _Placing.copy, _Placing.pool = copy, ThreadPoolExecutor(max(2, os.cpu_count() or 1))
+    try:
+        written, skipped = CONVERTERS[name](src, root)
+    finally:  # an error or Ctrl-C: the queued files are dropped (none was placed), the running ones end
+        _Placing.pool.shutdown(wait=True, cancel_futures=True)
+        _Placing.copy, _Placing.pool = False, None
     expected, missing, example = check_counts(name, root)
     if missing and not allow_partial:
         raise UserError(f"{root}: {missing} of {expected} files named by the {name} split lists are missing "
                         f"(e.g. {example}); pass --allow-partial to accept a partial dataset")
     return {"dataset": name, "root": str(root), "written": written, "skipped": skipped,
-            "expected": expected, "missing": missing}
+            "files_listed": expected, "files_missing": missing}

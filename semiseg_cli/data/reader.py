@@ -1,6 +1,7 @@
 """Reading samples from disk, with the checks that turn bad files into one clear line."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,11 +11,48 @@ from semiseg_cli.data.facts import IGNORE_INDEX
 from semiseg_cli.errors import UserError
 
 
+# Images over this many pixels are refused before decoding (a decompression bomb: a small file that would
+# decode to gigabytes); raise it with the environment variable, e.g. SEMISEG_MAX_IMAGE_PIXELS=400000000.
+MAX_PIXELS_ENV = "SEMISEG_MAX_IMAGE_PIXELS"
+DEFAULT_MAX_PIXELS = 100_000_000
+Image.MAX_IMAGE_PIXELS = None  # the check below replaces PIL's warning / error with one line and an option
+
+
+def max_pixels() -> int:
+    value = os.environ.get(MAX_PIXELS_ENV, "")
+    try:
+        return int(value) if value else DEFAULT_MAX_PIXELS
+    except ValueError:
+        raise UserError(f"{MAX_PIXELS_ENV}={value!r}: must be a whole number of pixels") from None
+
+
+def _to_rgb(im: Image.Image, path) -> Image.Image:
+    """RGB of any PIL mode. Images of more than 8 bits per sample are scaled to 0..255 from their bit depth
+    (PIL's own convert clips 16-bit values to 255, so a 16-bit grayscale photo would come out white)."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(im, dtype=np.float64)
+        top = 255 if a.max(initial=0) <= 255 and im.mode == "I" else 65535
+        if a.min(initial=0) < 0 or a.max(initial=0) > 65535:
+            raise UserError(f"{path}: a {im.mode} image with values outside 0..65535; convert it to 8 or 16 bits")
+        return Image.fromarray(np.round(a * (255 / top)).astype(np.uint8)).convert("RGB")
+    if im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+            raise UserError(f"{path}: a floating-point image with values outside 0..1; convert it to 8 or 16 bits")
+        return Image.fromarray(np.round(a * 255).astype(np.uint8)).convert("RGB")
+    return im.convert("RGB")
+
+
 def load_image(path: str | Path) -> Image.Image:
-    """Open an image as RGB; a missing or corrupt file is a UserError naming it."""
+    """Open an image as RGB (16-bit and float images scaled, see `_to_rgb`); a missing, corrupt or oversized
+    file is a UserError naming it."""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            w, h = im.size
+            if w * h > max_pixels():
+                raise UserError(f"{path}: {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels():,} (a guard "
+                                f"against decompression bombs); raise it with {MAX_PIXELS_ENV}=N if the image is real")
+            return _to_rgb(im, path)
     except FileNotFoundError:
         raise UserError(f"{path}: image not found; check dataset.root and the split list") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
@@ -32,6 +70,9 @@ def load_mask(path: str | Path, size: tuple[int, int], num_classes: int, reduce_
     """
     try:
         with Image.open(path) as im:
+            if im.size[0] * im.size[1] > max_pixels():
+                raise UserError(f"{path}: {im.size[0]}x{im.size[1]} mask, over the limit of {max_pixels():,} pixels; "
+                                f"raise it with {MAX_PIXELS_ENV}=N if it is real")
             if im.mode not in ("L", "P", "I;16", "I"):
                 raise UserError(f"{path}: mask has mode {im.mode}; masks must be single-channel index PNGs "
                                 "(colour masks need `semiseg prepare-data`)")

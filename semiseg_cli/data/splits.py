@@ -20,14 +20,15 @@ from semiseg_cli.resources import resource_dir
 KINDS = ("labeled", "unlabeled", "val")
 
 
-def split_path(dataset: str, split: str, kind: str, root: str | Path) -> Path:
-    """Path of the `kind` list ("labeled", "unlabeled" or "val") of `dataset`/`split`.
+def split_path(dataset: str, split: str, kind: str, root: str | Path, eval_split: str = "val") -> Path:
+    """Path of the `kind` list ("labeled", "unlabeled" or "val") of `dataset`/`split`; the "val" list is
+    splits/<eval_split>.txt (the synthetic data also has a held-out `test`).
 
     Raises UserError naming every place looked at when none exists.
     """
     if kind not in KINDS:
         raise ValueError(kind)
-    rel = "val.txt" if kind == "val" else f"{split}/{kind}.txt"
+    rel = f"{eval_split}.txt" if kind == "val" else f"{split}/{kind}.txt"
     candidates = [Path(root) / "splits" / rel, resource_dir("splits") / dataset / rel]
     for path in candidates:
         if path.is_file():

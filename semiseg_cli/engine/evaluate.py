@@ -106,20 +106,29 @@ def metrics(conf: torch.Tensor, class_names: list[str]) -> dict:
 
     `miou` is the mean over classes that occur in the target or the prediction (mmseg / torchmetrics);
     `miou_paper` is UniMatch's convention, a mean over all K classes with absent ones counting 0.
+    `per_class_acc` is each class's recall (its ground-truth pixels predicted as it; None where the
+    class has no ground-truth pixel) and `macc` their mean (mmseg's mAcc). `confusion` is the matrix
+    itself (rows = ground truth, columns = prediction), so that a picture can be drawn from eval.json.
     """
-    conf = conf.double().cpu()
+    counts = conf.long().cpu()
+    conf = counts.double()
     inter = conf.diag()
     union = conf.sum(0) + conf.sum(1) - inter
     iou = inter / union  # nan where a class is absent from target and prediction
     present = union > 0
+    gt = conf.sum(1)
+    acc = inter / gt
     k = len(class_names)
     return {
         "miou": round(float(iou[present].mean() * 100), 4) if present.any() else float("nan"),
         "miou_paper": round(float((inter / (union + 1e-10)).mean() * 100), 4),
         "per_class_iou": [round(float(v) * 100, 4) if p else None for v, p in zip(iou, present)],
+        "macc": round(float(acc[gt > 0].mean() * 100), 4) if (gt > 0).any() else float("nan"),
+        "per_class_acc": [round(float(v) * 100, 4) if n > 0 else None for v, n in zip(acc, gt)],
         "pixel_acc": round(float(inter.sum() / conf.sum().clamp(min=1) * 100), 4),
         "num_classes": k,
         "class_names": list(class_names),
+        "confusion": counts.tolist(),
     }
 
 
@@ -164,10 +173,16 @@ def iou_table(result: dict):
     """A rich table of per-class IoU plus the summary rows."""
     from rich.table import Table
 
-    table = Table("class", "IoU %", box=None, pad_edge=False)
-    for name, v in zip(result["class_names"], result["per_class_iou"]):
-        table.add_row(name, "absent" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}")
-    table.add_row("[bold]mIoU[/bold]", f"[bold]{result['miou']:.2f}[/bold]")
-    table.add_row("mIoU (paper: absent = 0)", f"{result['miou_paper']:.2f}")
-    table.add_row("pixel acc", f"{result['pixel_acc']:.2f}")
+    def cell(v):
+        return "absent" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
+
+    table = Table("class", "IoU %", "acc %", box=None, pad_edge=False)
+    accs = result.get("per_class_acc") or [None] * len(result["class_names"])  # eval.json of older runs: no acc
+    for name, v, a in zip(result["class_names"], result["per_class_iou"], accs):
+        table.add_row(name, cell(v), cell(a))
+    table.add_row("[bold]mIoU[/bold]", f"[bold]{result['miou']:.2f}[/bold]", "")
+    table.add_row("mIoU (paper: absent = 0)", f"{result['miou_paper']:.2f}", "")
+    if "macc" in result:
+        table.add_row("mAcc", "", cell(result["macc"]))
+    table.add_row("pixel acc", "", f"{result['pixel_acc']:.2f}")
     return table

@@ -20,7 +20,7 @@ from semiseg_cli.data.facts import IGNORE_INDEX, palette
 from semiseg_cli.data.reader import load_image
 from semiseg_cli.data.transforms import eval_resize, eval_resize_of, normalize, to_uint8_tensor
 from semiseg_cli.errors import UserError, check_output_dir, writing
-from semiseg_cli.io import save_index_png, write_atomic
+from semiseg_cli.io import save_index_png
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -38,10 +38,28 @@ def list_images(spec: str | Path) -> list[Path]:
         raise UserError(f"{spec}: no such file or folder")
     if spec.suffix.lower() in IMAGE_SUFFIXES:
         return [spec]
-    lines = [ln.split()[0] for ln in spec.read_text().splitlines() if ln.strip()]
+    data = spec.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\0" in text:
+        raise UserError(f"{spec}: not an image list (binary data, not UTF-8 text); pass a folder, an image file "
+                        f"({', '.join(sorted(IMAGE_SUFFIXES))}) or a text file with one image path per line")
+    lines = [ln.split()[0] for ln in text.splitlines() if ln.strip()]
     if not lines:
         raise UserError(f"{spec}: the image list is empty")
     return [p if p.is_absolute() else spec.parent / p for p in map(Path, lines)]
+
+
+def check_unique_stems(files: list[Path], what: str = "masks") -> None:
+    """Outputs are named by the input's stem: refuse two inputs whose outputs would overwrite each other."""
+    seen: dict[str, Path] = {}
+    for f in files:
+        if f.stem in seen:
+            raise UserError(f"{f} and {seen[f.stem]} have the same stem (file name): both {what} would be {f.stem}.png; "
+                            "rename one, or pass them in separate runs with different --out folders")
+        seen[f.stem] = f
 
 
 def eval_input(img: Image.Image, short: int | None = None, scale=None) -> torch.Tensor:
@@ -70,10 +88,12 @@ class _Images(torch.utils.data.Dataset):
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, pal: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend the colour mask into the image (ignore pixels keep the image)."""
+    """Blend the colour mask into the image with opacity `alpha`. Ignore pixels and classes drawn black
+    (VOC's and the synthetic set's background) keep the image: blending black would only darken it."""
     colour = pal[mask].astype(np.float32)
     blend = image.astype(np.float32) * (1 - alpha) + colour * alpha
-    return np.where((mask == IGNORE_INDEX)[..., None], image, blend.round()).astype(np.uint8)
+    keep = (mask == IGNORE_INDEX) | (pal[mask] == 0).all(-1)
+    return np.where(keep[..., None], image, blend.round()).astype(np.uint8)
 
 
 @torch.no_grad()
@@ -141,15 +161,25 @@ def model_scores(model, cfg: dict):
 
 @torch.no_grad()
 def infer(model, cfg: dict, images: str | Path, out: str | Path, device: torch.device, crf: bool = False,
-          with_overlay: bool = False, batch_size: int = 4, workers: int = 2) -> dict:
-    """Predict every image of `images` into `out`. Returns {"written": n, "failed": [lines], "out"}."""
+          with_overlay: bool = False, batch_size: int = 4, workers: int = 2, opacity: float = 0.5) -> dict:
+    """Predict every image of `images` into `out`. Returns {"written": n, "failed": [lines], "out"}.
+    Overlays blend the colour mask with `opacity` and carry a legend of the classes present."""
+    from semiseg_cli.data.facts import class_names
+    from semiseg_cli.plot import overlay_with_legend
+
+    if not 0.0 <= opacity <= 1.0:
+        raise UserError(f"--opacity {opacity}: must lie in [0, 1] (0: the image alone, 1: the colour mask alone)")
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be at least 1")
     out = Path(out)
     check_output_dir(out)
     files = list_images(images)
+    check_unique_stems(files)
     out.mkdir(parents=True, exist_ok=True)
     if with_overlay:
         (out / "overlay").mkdir(exist_ok=True)
     pal = palette(cfg["dataset"]["name"])
+    names = class_names(cfg["dataset"]["name"], cfg["dataset"]["root"]) if with_overlay else []
     failed, written = [], 0
     for i, image, scores in predict_images(model_scores(model, cfg), files, eval_input_of(cfg), device,
                                            batch_size, workers, cfg["crf"] if crf else None):
@@ -161,11 +191,12 @@ def infer(model, cfg: dict, images: str | Path, out: str | Path, device: torch.d
         with writing(out / f"{files[i].stem}.png"):
             save_index_png(mask, out / f"{files[i].stem}.png", pal)
         if with_overlay:
-            picture = Image.fromarray(overlay(image, mask, pal))
             with writing(out / "overlay" / f"{files[i].stem}.png"):
-                write_atomic(out / "overlay" / f"{files[i].stem}.png", lambda f: picture.save(f, format="PNG"))
+                overlay_with_legend(overlay(image, mask, pal, opacity), mask, pal, names,
+                                    out / "overlay" / f"{files[i].stem}.png")
         written += 1
-    err.print(f"wrote {written} mask(s) to {out}", markup=False)
-    if with_overlay:
+    if written:
+        err.print(f"wrote {written} mask(s) to {out}", markup=False)
+    if with_overlay and written:
         err.print(f"wrote {written} overlay(s) to {out / 'overlay'}", markup=False)
     return {"written": written, "failed": failed, "out": str(out)}

