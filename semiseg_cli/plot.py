@@ -7,6 +7,7 @@ gives every run's results.csv (one row per evaluation), written by the trainer.
 """
 from __future__ import annotations
 
+import bisect
 import io
 import json
 from pathlib import Path
@@ -52,10 +53,11 @@ def results_rows(records: list[dict]) -> list[dict]:
     of the last training record at or before it ('' where a run does not log a column)."""
     evals = {r["iter"]: r for r in records if "miou" in r and "iter" in r}
     train = sorted(((r["iter"], r) for r in records if "loss" in r and "iter" in r), key=lambda t: t[0])
+    its = [i for i, _ in train]
     rows = []
     for it in sorted(evals):
-        before = [r for i, r in train if i <= it]
-        merged = {**(before[-1] if before else {}), **evals[it]}
+        n = bisect.bisect_right(its, it)  # the training records at or before `it`
+        merged = {**(train[n - 1][1] if n else {}), **evals[it]}
         rows.append({c: merged.get(c, "") for c in RESULT_COLUMNS})
     return rows
 

@@ -18,12 +18,17 @@ DEFAULT_MAX_PIXELS = 100_000_000
 Image.MAX_IMAGE_PIXELS = None  # the check below replaces PIL's warning / error with one line and an option
 
 
-def max_pixels() -> int:
+def check_pixels(im: Image.Image, path) -> None:
+    """Refuse an image or mask over the pixel limit, from its header (before anything is decoded)."""
     value = os.environ.get(MAX_PIXELS_ENV, "")
     try:
-        return int(value) if value else DEFAULT_MAX_PIXELS
+        limit = int(value) if value else DEFAULT_MAX_PIXELS
     except ValueError:
         raise UserError(f"{MAX_PIXELS_ENV}={value!r}: must be a whole number of pixels") from None
+    w, h = im.size
+    if w * h > limit:
+        raise UserError(f"{path}: {w}x{h} = {w * h:,} pixels, over the limit of {limit:,} (a guard against "
+                        f"decompression bombs); raise it with {MAX_PIXELS_ENV}=N if the image is real")
 
 
 def _to_rgb(im: Image.Image, path) -> Image.Image:
@@ -48,10 +53,7 @@ def load_image(path: str | Path) -> Image.Image:
     file is a UserError naming it."""
     try:
         with Image.open(path) as im:
-            w, h = im.size
-            if w * h > max_pixels():
-                raise UserError(f"{path}: {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels():,} (a guard "
-                                f"against decompression bombs); raise it with {MAX_PIXELS_ENV}=N if the image is real")
+            check_pixels(im, path)
             return _to_rgb(im, path)
     except FileNotFoundError:
         raise UserError(f"{path}: image not found; check dataset.root and the split list") from None
@@ -70,9 +72,7 @@ def load_mask(path: str | Path, size: tuple[int, int], num_classes: int, reduce_
     """
     try:
         with Image.open(path) as im:
-            if im.size[0] * im.size[1] > max_pixels():
-                raise UserError(f"{path}: {im.size[0]}x{im.size[1]} mask, over the limit of {max_pixels():,} pixels; "
-                                f"raise it with {MAX_PIXELS_ENV}=N if it is real")
+            check_pixels(im, path)
             if im.mode not in ("L", "P", "I;16", "I"):
                 raise UserError(f"{path}: mask has mode {im.mode}; masks must be single-channel index PNGs "
                                 "(colour masks need `semiseg prepare-data`)")

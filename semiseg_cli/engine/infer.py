@@ -167,11 +167,7 @@ def infer(model, cfg: dict, images: str | Path, out: str | Path, device: torch.d
     from semiseg_cli.data.facts import class_names
     from semiseg_cli.plot import overlay_with_legend
 
-    if not 0.0 <= opacity <= 1.0:
-        raise UserError(f"--opacity {opacity}: must lie in [0, 1] (0: the image alone, 1: the colour mask alone)")
-    if batch_size < 1:
-        raise UserError(f"--batch-size {batch_size}: must be at least 1")
-    out = Path(out)
+    out = Path(out)  # (--opacity in [0, 1] and --batch-size >= 1 are checked by the CLI's options)
     check_output_dir(out)
     files = list_images(images)
     check_unique_stems(files)

@@ -513,9 +513,9 @@ def schedule(cfg: dict, streams: dict, names, world: int) -> tuple[int, int, int
     return epoch_len, iters_per_epoch, total, eval_every
 
 
-def dry_run(cfg: dict, out: Path, world: int = 1, samples: int = 3) -> dict:
-    """`train --dry-run`: check what a run of `cfg` would read (the weights, every split list, `samples`
-    images and masks of each list: first, middle, last) and return its plan, writing nothing. Every
+def dry_run(cfg: dict, out: Path, world: int = 1) -> dict:
+    """`train --dry-run`: check what a run of `cfg` would read (the weights, every split list, the first,
+    middle and last image and mask of each list) and return its plan, writing nothing. Every
     problem found is reported, in one UserError."""
     method = load_method(cfg["method"])
     problems, datasets = [], {}
@@ -527,7 +527,7 @@ def dry_run(cfg: dict, out: Path, world: int = 1, samples: int = 3) -> dict:
             [(n, (lambda n=n: build_stream(cfg, n))) for n in method.LOADERS]:
         try:
             ds = datasets[name] = build()
-            for i in sorted({0, len(ds) // 2, len(ds) - 1} if samples else ()):
+            for i in sorted({0, len(ds) // 2, len(ds) - 1}):
                 ds.load(i)
         except UserError as e:
             problems.append(str(e))
