@@ -32,11 +32,13 @@ NULLABLE = {
     "dataset.root": str, "dataset.num_classes": int, "dataset.ood_list": str, "dataset.ood_root": str, "model.weights": str, "model.init_checkpoint": str, "train.iters": int,
     "eval.crop": int, "eval.stride": int, "eval.resize_short": int, "model.class_text": str,
     "model.conv_encoder": str, "model.conv_encoder_weights": str, "ssl.guidance_text": str,
-    "optim.bias_weight_decay": float, "eval.img_scale": list,
+    "optim.bias_weight_decay": float, "eval.img_scale": list, "dataset.image_labels": str,
 }
 # The shape of list keys whose default is null (a value must look like this).
 NULLABLE_LIST_SHAPE = {"eval.img_scale": [2048, 512],
 }
+# Lists of any length (at least the minimum given), each item of the type of the default's first item.
+VARIABLE_LENGTH = {"eval.scales": 1, "slrnet.pamr_dilations": 1, "train.keep_epochs": 0}
 # Mappings whose sub-keys are not fixed by the schema (values must still be numbers).
 OPEN = {"optim.lr_mult": float}
 CHOICES = {
@@ -52,6 +54,8 @@ CHOICES = {
     "ssl.conf_mode": ["pixelwise", "pixelavg"],
     "ssl.mix_source": ["same", "shuffled"],
     "ssl.ood_base": ["unimatch", "prevmatch", "semivl"],  # = methods/semiovs.py BASES
+    "slrnet.variant": ["wss", "semi_cls", "semi_nocls"],  # = methods/slrnet.py VARIANTS
+    "eval.image_labels": ["predict", "given"],
     "model.vit_act": ["gelu", "quick_gelu"],
     # = models/smp.py ARCHS, spelled out so that reading a config never imports torch (tests/test_smp.py checks)
     "model.arch": ["Unet", "UnetPlusPlus", "FPN", "PSPNet", "DeepLabV3", "DeepLabV3Plus", "Linknet", "MAnet", "PAN",
@@ -106,6 +110,23 @@ RANGES: dict[str, tuple] = {
     "eval.resize_short": (1, INF, "[)"),
     "eval.img_scale": (1, INF, "[)"),
     "eval.scales": (0, INF, "()"),
+    "eval.fp_cut": (0, 1, "[]"),
+    "eval.topk_classes": (1, INF, "[)"),
+    "eval.bg_pow": (0, INF, "()"),
+    "model.cvlr_iters": (1, INF, "[)"),
+    "slrnet.view_scale": (0, 1, "(]"),
+    "slrnet.crop_scale": (0, 1, "(]"),         # and low <= high (ORDERED)
+    "train.keep_epochs": (0, INF, "[)"),
+    "slrnet.loss_coeff": (0, INF, "[)"),
+    "slrnet.pretrain_epochs": (0, INF, "[)"),
+    "slrnet.oversample": (1, INF, "[)"),
+    "slrnet.cutoff_top": (0, 1, "[]"),
+    "slrnet.cutoff_low": (0, 1, "[]"),
+    "slrnet.bg_factor": (0, 1, "[]"),
+    "slrnet.pamr_iters": (0, INF, "[)"),
+    "slrnet.pamr_dilations": (1, INF, "[)"),
+    "slrnet.pamr_bg_pow": (0, INF, "()"),
+    "slrnet.aux_weight": (0, INF, "[)"),
     "crf.iters": (0, INF, "[)"),
     "crf.gauss_sxy": (0, INF, "()"),
     "crf.gauss_compat": (0, INF, "[)"),
@@ -114,7 +135,10 @@ RANGES: dict[str, tuple] = {
     "crf.bilateral_compat": (0, INF, "[)"),
 }
 # [low, high] list keys: also low <= high.
-ORDERED = {"train.scale_range"}
+# model.name -> the one method that trains it, and back (SLRNet's network has no FP stream for the SSL methods,
+# and its method needs its two-view network); models/__init__.py re-exports it
+OWN_METHOD = {"slrnet": "slrnet"}
+ORDERED = {"train.scale_range", "slrnet.crop_scale"}
 
 
 class _Loader(yaml.SafeLoader):
@@ -222,6 +246,9 @@ def _coerce(key: str, value: Any, default: Any, where: str) -> Any:
             return str(value)  # split names like 92 arrive as ints
     elif want is list:
         default = NULLABLE_LIST_SHAPE[key] if default is None else default
+        if key in VARIABLE_LENGTH and isinstance(value, list) and len(value) >= VARIABLE_LENGTH[key]:
+            item = default[0] if default else 0
+            return [_coerce(f"{key}[{i}]", v, item, where) for i, v in enumerate(value)]
         if isinstance(value, list) and len(value) == len(default):
             return [_coerce(f"{key}[{i}]", v, d, where) for i, (v, d) in enumerate(zip(value, default))]
         raise UserError(f"{where}: {key} must be a list of {len(default)} values like {default}, got {value!r}")
@@ -363,6 +390,11 @@ def resolve(cfg: dict) -> dict:
     if cfg["method"] not in METHODS:
         raise UserError(f"method {cfg['method']!r} is not available{did_you_mean(cfg['method'], METHODS)}; "
                         f"choose one of: {', '.join(METHODS)}")
+    model, method = cfg["model"]["name"], cfg["method"]
+    for m, meth in OWN_METHOD.items():
+        if (model == m) != (method == meth):
+            raise UserError(f"method {method!r} with model.name {model!r}: model.name={m} is trained by method={meth} "
+                            f"only, and method={meth} needs model.name={m}; set both")
     ds = cfg["dataset"]
     if ds["root"] is None:
         ds["root"] = str(default_root(ds["name"]))

@@ -25,11 +25,13 @@ FORMATS: dict[str, str] = {
     "unimatch-checkpoint": "semiseg_cli.convert.unimatch_checkpoint",
     "sed": "semiseg_cli.convert.sed",
     "unimatch-xception": "semiseg_cli.convert.unimatch_xception",
+    "wideresnet38": "semiseg_cli.convert.wideresnet38",
+    "slrnet": "semiseg_cli.convert.slrnet",
 }
 # option -> (its flag, the formats that take it): --model-name, the open_clip config giving the activation;
 # --recipe / --set, the recipe a trained checkpoint was trained with
-OPTIONS = {"model_name": ("--model-name", {"open-clip"}), "recipe": ("--recipe", {"unimatch-checkpoint"}),
-           "sets": ("--set", {"unimatch-checkpoint"})}
+OPTIONS = {"model_name": ("--model-name", {"open-clip"}), "recipe": ("--recipe", {"unimatch-checkpoint", "slrnet"}),
+           "sets": ("--set", {"unimatch-checkpoint", "slrnet"})}
 
 
 def convert(fmt: str, src: str, dst: str | Path, backbone: str | None = None, quiet: bool = False,

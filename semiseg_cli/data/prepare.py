@@ -30,6 +30,8 @@ from PIL import Image, UnidentifiedImageError
 
 from semiseg_cli.console import progress
 from semiseg_cli.data.facts import IGNORE_INDEX, voc_palette
+from semiseg_cli.data.image_labels import (MASK_LABELS, XML_LABELS, labels_from_mask, read_image_labels,
+                                           shipped_labels, voc_xml_labels, write_image_labels)
 from semiseg_cli.data.splits import read_split, write_split
 from semiseg_cli.errors import UserError, did_you_mean
 from semiseg_cli.io import save_index_png, temp_path, write_text_atomic
@@ -166,12 +168,60 @@ def _read_sbd_mat(path: Path) -> np.ndarray:
     return _check_values(mask, path, 20)
 
 
+VOC_NUM_CLASSES = 21  # background + 20
+
+
+def _earlier_labels(path: Path) -> dict[str, tuple[int, ...]]:
+    """The entries of an image-labels file an earlier run wrote; {} when there is none or it is unreadable
+    (then every entry is made again)."""
+    try:
+        return read_image_labels(path, VOC_NUM_CLASSES) if path.is_file() else {}
+    except UserError:
+        return {}
+
+
+def _write_voc_image_labels(root: Path, voc: Path | None, fresh: dict[str, list[int]]) -> None:
+    """`<root>/image_labels.txt` (from the masks) and `<root>/image_labels_xml.txt` (from VOC's XML) for every
+    id with a mask in `root/SegmentationClass` (data/image_labels.py).
+
+    Mask labels: `fresh` for the masks this run wrote; the masks it skipped keep their entry of the earlier
+    file (as every output that exists is kept), and only those without one are read back. XML labels:
+    `Annotations/<id>.xml` of the VOC download where present, else the packaged voc12_xml entry (SLRNet's
+    cls_labels.npy: train_aug + val), else the id is left out. Files holding these labels already are
+    not rewritten."""
+    ids = sorted(p.stem for p in (root / "SegmentationClass").glob("*.png"))
+    earlier = _earlier_labels(root / MASK_LABELS)
+    labels: dict[str, list[int] | tuple[int, ...]] = {}
+    for id_ in ids:
+        if id_ in fresh:
+            labels[id_] = fresh[id_]
+        elif id_ in earlier:
+            labels[id_] = earlier[id_]
+        else:
+            labels[id_] = labels_from_mask(_read_voc_png(root / "SegmentationClass" / f"{id_}.png"), VOC_NUM_CLASSES)
+    write_image_labels(root / MASK_LABELS, labels)
+    shipped: dict[str, tuple[int, ...]] | None = None
+    xml_labels: dict[str, list[int] | tuple[int, ...]] = {}
+    for id_ in ids:
+        xml = voc / "Annotations" / f"{id_}.xml" if voc is not None else None
+        if xml is not None and xml.is_file():
+            xml_labels[id_] = voc_xml_labels(xml)
+            continue
+        if shipped is None:
+            shipped = read_image_labels(shipped_labels("voc12_xml"), VOC_NUM_CLASSES)
+        if id_ in shipped:
+            xml_labels[id_] = shipped[id_]
+    write_image_labels(root / XML_LABELS, xml_labels)
+
+
 def prepare_voc(src: Path, root: Path) -> Counts:
     """VOC 2012 + SBD -> `JPEGImages/<id>.jpg` (links) and `SegmentationClass/<id>.png` (palette PNG).
 
     Masks come from VOC's SegmentationClass and, for ids VOC does not annotate, from SBD's cls/*.mat
     (VOC's own mask wins: it is the finer annotation). Images come from VOC's JPEGImages when present
-    (it holds all SBD images too), else from SBD's img/.
+    (it holds all SBD images too), else from SBD's img/. Then the image-level labels of every id with a
+    mask: `image_labels.txt` from the masks and `image_labels_xml.txt` from VOC's XML annotations
+    (`_write_voc_image_labels`); they are not counted in the returned samples.
     """
     voc = _find(src, ("VOCdevkit/VOC2012", "VOC2012", ""), "JPEGImages")
     sbd = _find(src, ("benchmark_RELEASE/dataset", "dataset", ""), "cls")
@@ -185,13 +235,24 @@ def prepare_voc(src: Path, root: Path) -> Counts:
         masks.update({p.stem: (p, _read_voc_png) for p in (voc / "SegmentationClass").glob("*.png")})
     image_dirs = ([voc / "JPEGImages"] if voc is not None else []) + ([sbd / "img"] if sbd is not None else [])
     pal = voc_palette(256)
+    fresh: dict[str, list[int]] = {}  # image labels of the masks this run writes
+
+    def labelled(id_: str, reader: Callable[[Path], np.ndarray]) -> Callable[[Path], np.ndarray]:
+        def read(path: Path) -> np.ndarray:
+            mask = reader(path)
+            fresh[id_] = labels_from_mask(mask, VOC_NUM_CLASSES)
+            return mask
+        return read
+
     results = []
     for id_, (mask_file, reader) in progress(sorted(masks.items()), desc="voc"):
         image = next((d / f"{id_}.jpg" for d in image_dirs if (d / f"{id_}.jpg").is_file()), None)
         if image is not None:  # a missing image is reported by the final count check
             results.append(_link(image, root / "JPEGImages" / f"{id_}.jpg"))
-        results.append(_convert(mask_file, root / "SegmentationClass" / f"{id_}.png", reader, pal))
-    return _tally(results)
+        results.append(_convert(mask_file, root / "SegmentationClass" / f"{id_}.png", labelled(id_, reader), pal))
+    counts = _tally(results)
+    _write_voc_image_labels(root, voc, fresh)
+    return counts
 
 
 # ------------------------------------------------------------------------------------ Cityscapes

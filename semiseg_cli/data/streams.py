@@ -15,6 +15,9 @@ Tensor legend (UniMatch's names, used throughout the project):
     *_mix the same for the CutMix source batch
     o_w, o_s1, o_s2, o_ign  an out-of-distribution image (SemiOVS): weak view, strong views, ignore mask
     o_y   its offline pseudo-label (e.g. `gen-pseudo --model sed`); 255 = ignore, as padding
+    t, t_y  an image with image-level labels (SLRNet) and its mask (all 255 unless it is pixel-labelled)
+    cls   its image-level labels [B, K - 1] (multi-hot, class c at c - 1)
+    has_mask  whether t_y is a pixel label (SLRNet's semi variants)
 
 Epochs and visiting rules (`stream_index`): the epoch is the length of the first stream that defines it
 (the unlabeled list for the SSL methods, the labeled list for supervised training). Every stream gets the
@@ -38,6 +41,7 @@ SAMPLE_KINDS: dict[str, tuple[str, ...]] = {
     "train_u": ("image", "image", "image", "ignore", "box", "box"),
     "val": ("image", "label", "index"),
     "train_u_ood": ("image", "label", "image", "image", "ignore"),
+    "train_tagged": ("image", "label", "classes", "flag"),
 }
 
 
@@ -45,8 +49,8 @@ SAMPLE_KINDS: dict[str, tuple[str, ...]] = {
 class Stream:
     """One training stream.
 
-    list: the split list it reads: "labeled" | "unlabeled" | "val" of the configured dataset split, or "ood"
-        (dataset.ood_list under dataset.ood_root).
+    list: the split list it reads: "labeled" | "unlabeled" | "val" of the configured dataset split, "ood"
+        (dataset.ood_list under dataset.ood_root) or "tagged" (SLRNet's: data/dataset.py `tagged_items`).
     sample: the sample function (a key of SAMPLE_KINDS / data.dataset.SAMPLES).
     keys: the batch names of the sample's tensors, in order.
     seed_offset: added to train.seed for its augmentation (0 = the same draws as another stream).
@@ -71,6 +75,8 @@ STREAMS: dict[str, Stream] = {
     # SemiOVS's out-of-distribution images with their open-vocabulary pseudo-labels (own list and root;
     # tiled when shorter than the epoch, fully visited when longer)
     "ood": Stream("ood", "train_u_ood", ("o_w", "o_y", "o_s1", "o_s2", "o_ign"), seed_offset=7),
+    # SLRNet's images with their image-level labels (and, in its semi variants, pixel labels)
+    "tagged": Stream("tagged", "train_tagged", ("t", "t_y", "cls", "has_mask"), defines_epoch=True),
 }
 
 
@@ -80,7 +86,7 @@ def independent_order(cfg: dict, name: str) -> bool:
 
 
 def key_kinds(names) -> dict[str, str]:
-    """batch key -> "image" | "label" | "ignore" | "box" for the streams `names`."""
+    """batch key -> "image" | "label" | "ignore" | "box" | "classes" | "flag" for the streams `names`."""
     return {k: kind for n in names for k, kind in zip(STREAMS[n].keys, SAMPLE_KINDS[STREAMS[n].sample])}
 
 
@@ -120,6 +126,10 @@ def fake_batch(names=tuple(STREAMS), n: int = 2, size: int = 32, num_classes: in
             t = torch.zeros(n, size, size, dtype=torch.long)
             if pad_rows:
                 t[:, -pad_rows:] = 255
+        elif kind == "classes":
+            t = (torch.rand(n, num_classes - 1, generator=g) < 0.4).float()
+        elif kind == "flag":
+            t = torch.arange(n) % 2 == 0
         elif kind == "box":
             t = torch.zeros(n, size, size)
             t[:, size // 8: size * 5 // 8, size // 4: size * 3 // 4] = 1

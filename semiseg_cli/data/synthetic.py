@@ -30,6 +30,8 @@ Layout under `root`:
     masks/<NNNNN>.png    single-channel ('L') class indices 0..5
     splits/default/{labeled,unlabeled}.txt, splits/<k>/{labeled,unlabeled}.txt, splits/val.txt,
     splits/test.txt (held out: `--set dataset.eval_split=test`)
+    image_labels.txt     the classes each mask shows, one `<NNNNN> <class> ...` line per image, all of them
+                         (data/image_labels.py; for weakly supervised methods)
     classes.txt, README.txt, .synthetic  (the generator version and seed that own this root)
 
 Determinism: sample i is drawn from its own `np.random.default_rng([seed, i])`, so its bytes do not depend
@@ -45,6 +47,7 @@ import numpy as np
 
 from semiseg_cli.console import progress
 from semiseg_cli.data.facts import SYNTHETIC_CLASSES
+from semiseg_cli.data.image_labels import MASK_LABELS, labels_from_mask, write_image_labels
 from semiseg_cli.data.splits import write_split
 from semiseg_cli.errors import UserError
 from semiseg_cli.io import save_index_png, write_atomic
@@ -329,9 +332,20 @@ def _claim(root: Path, seed: int, marker_name: str = MARKER, command: str = "syn
     marker.write_text(want + "\n")
 
 
-def _write_samples(root: Path, names: list[str], draw, desc: str) -> tuple[int, int]:
+def _read_mask(path: Path) -> np.ndarray:
+    """A mask this generator wrote earlier ('L' PNG); an unreadable one is a UserError naming it."""
+    mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if mask is None or mask.ndim != 2 or mask.max(initial=0) >= len(SYNTHETIC_CLASSES):
+        raise UserError(f"{path}: not a mask of this generator; delete it and run `semiseg prepare-data synthetic` "
+                        "again")
+    return mask
+
+
+def _write_samples(root: Path, names: list[str], draw, desc: str,
+                   image_labels: dict[str, list[int]] | None = None) -> tuple[int, int]:
     """images/<name> and masks/<name> of every sample `draw(i)` -> (rgb, mask) not yet complete; returns
-    (written, skipped)."""
+    (written, skipped). `image_labels`, when given, gets the classes of every sample's mask (by file stem):
+    from the drawn mask, or read back for a skipped sample."""
     (root / "images").mkdir(exist_ok=True)
     (root / "masks").mkdir(exist_ok=True)
     written = skipped = 0
@@ -339,11 +353,15 @@ def _write_samples(root: Path, names: list[str], draw, desc: str) -> tuple[int, 
         image, mask = root / "images" / names[i], root / "masks" / names[i]
         if image.is_file() and mask.is_file():
             skipped += 1
+            if image_labels is not None:
+                image_labels[mask.stem] = labels_from_mask(_read_mask(mask), len(SYNTHETIC_CLASSES))
             continue
         rgb, labels = draw(i)
         save_index_png(labels, mask)
         _write_rgb_png(image, rgb)         # the image last: its presence with the mask marks a complete sample
         written += 1
+        if image_labels is not None:
+            image_labels[mask.stem] = labels_from_mask(labels, len(SYNTHETIC_CLASSES))
     return written, skipped
 
 
@@ -360,7 +378,9 @@ def generate(root: str | Path, seed: int = 0) -> tuple[int, int]:
     _claim(root, seed)
     total = NUM_LABELED + NUM_UNLABELED + NUM_VAL + NUM_TEST
     names = [f"{i:05d}.png" for i in range(total)]
-    written, skipped = _write_samples(root, names, lambda i: render(seed, i), "synthetic")
+    image_labels: dict[str, list[int]] = {}
+    written, skipped = _write_samples(root, names, lambda i: render(seed, i), "synthetic", image_labels)
+    write_image_labels(root / MASK_LABELS, image_labels)
 
     pairs = [(f"images/{n}", f"masks/{n}") for n in names]
     n_train = NUM_LABELED + NUM_UNLABELED
@@ -381,5 +401,6 @@ def generate(root: str | Path, seed: int = 0) -> tuple[int, int]:
         f"splits/<k> label the first k), {len(val)} validation images (splits/val.txt) and {len(test)} held-out test "
         f"images (splits/test.txt, never used to choose settings), {SIZE}x{SIZE} RGB.\n"
         f"masks/*.png hold class indices 0..{len(SYNTHETIC_CLASSES) - 1} ({', '.join(SYNTHETIC_CLASSES)}); "
-        "the class is given by shape only, colours are drawn from one distribution for every class.\n")
+        "the class is given by shape only, colours are drawn from one distribution for every class.\n"
+        f"{MASK_LABELS} lists the classes each mask shows ('<image> <class> ...', background 0 implied).\n")
     return written, skipped

@@ -88,6 +88,33 @@ def crop(img: Image.Image, mask: Image.Image, size: int, rng: random.Random, mas
     return img.crop((x, y, x + size, y + size)), mask.crop((x, y, x + size, y + size))
 
 
+def random_resized_crop(img: Image.Image, mask: Image.Image, size: int, rng: random.Random, scale=(0.9, 1.0),
+                        ratio=(3 / 4, 4 / 3)):
+    """torchvision RandomResizedCrop (its `get_params`: 10 tries of an area fraction in `scale` and a log-uniform
+    aspect ratio, else the central crop of the clamped ratio) to size x size: bicubic for the image, nearest for
+    the mask (SLRNet's MaskRandResizedCrop)."""
+    w, h = img.size
+    area = w * h
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            y, x = rng.randint(0, h - ch), rng.randint(0, w - cw)
+            break
+    else:
+        in_ratio = w / h
+        if in_ratio < min(ratio):
+            cw, ch = w, int(round(w / min(ratio)))
+        elif in_ratio > max(ratio):
+            cw, ch = int(round(h * max(ratio))), h
+        else:
+            cw, ch = w, h
+        y, x = (h - ch) // 2, (w - cw) // 2
+    box = (x, y, x + cw, y + ch)
+    return (img.resize((size, size), Image.BICUBIC, box=box), mask.resize((size, size), Image.NEAREST, box=box))
+
+
 def hflip(img: Image.Image, mask: Image.Image, rng: random.Random, p: float = 0.5):
     if rng.random() < p:
         return img.transpose(Image.FLIP_LEFT_RIGHT), mask.transpose(Image.FLIP_LEFT_RIGHT)

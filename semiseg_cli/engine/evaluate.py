@@ -7,6 +7,9 @@ Modes (`eval.mode`):
     slide_sum  UniMatch's Cityscapes window: windows at 0, s, 2s, ... truncated at the border,
                softmax probabilities summed.
 Multi-scale (`eval.scales`) and flip (`eval.flip`) sum softmax probabilities over the variants.
+A model with its own inference (`aggregate(x, eval_cfg, labels)`: SLRNet's scales, flip, image-label rule and
+bg_pow) is called instead and returns probabilities as they are (not renormalised); `eval.image_labels: given`
+passes it each image's classes (dataset.image_labels, else the ground-truth mask's), `eval.crf` refines them.
 """
 from __future__ import annotations
 
@@ -47,8 +50,14 @@ def _slide_unimatch(model, x, num_classes, crop, stride):
     return probs
 
 
+def own_inference(model) -> bool:
+    """Whether the model aggregates its own predictions (`aggregate`; see the module docstring)."""
+    return callable(getattr(model, "aggregate", None))
+
+
 @torch.no_grad()
-def predict(model, x: torch.Tensor, cfg: dict, out_size: tuple[int, int] | None = None) -> torch.Tensor:
+def predict(model, x: torch.Tensor, cfg: dict, out_size: tuple[int, int] | None = None,
+            labels: torch.Tensor | None = None) -> torch.Tensor:
     """Class scores [B, K, H, W] for a normalised image batch, at `out_size` (default: x's size).
 
     Single-scale whole/slide return logits (slide_sum: summed probabilities); with several scales or
@@ -69,7 +78,9 @@ def predict(model, x: torch.Tensor, cfg: dict, out_size: tuple[int, int] | None 
         return model(img)
 
     variants = [(s, f) for s in ev["scales"] for f in ([False, True] if ev["flip"] else [False])]
-    if variants == [(1.0, False)]:
+    if own_inference(model):
+        scores = model.aggregate(x, ev, labels)
+    elif variants == [(1.0, False)]:
         scores = one(x)
     else:
         scores = 0
@@ -85,10 +96,13 @@ def predict(model, x: torch.Tensor, cfg: dict, out_size: tuple[int, int] | None 
     return scores
 
 
-def probabilities(scores: torch.Tensor, cfg: dict) -> torch.Tensor:
+def probabilities(scores: torch.Tensor, cfg: dict, model=None) -> torch.Tensor:
     """`predict`'s scores as per-pixel class probabilities: the softmax of single-variant whole/slide logits,
-    else the summed softmax maps (slide_sum windows, scales, flips) divided by their per-pixel sum."""
+    else the summed softmax maps (slide_sum windows, scales, flips) divided by their per-pixel sum; a model with
+    its own inference already gives them (`own_inference`)."""
     ev = cfg["eval"]
+    if own_inference(model):
+        return scores.float()
     if ev["mode"] == "slide_sum" or list(ev["scales"]) != [1.0] or ev["flip"]:
         return scores / scores.sum(1, keepdim=True).clamp(min=1e-12)
     return scores.float().softmax(1)
@@ -149,16 +163,46 @@ def evaluate(model, cfg: dict, dataset, env: DistEnv, workers: int = 2, progress
     conf = torch.zeros(k, k, dtype=torch.long, device=env.device)
     it = progress(loader, total=len(indices), desc="eval") if progress else loader
     amp = autocast_for(cfg, env)
-    for x, y, _ in it:
+    given = cfg["eval"]["image_labels"] == "given" and own_inference(model)
+    for x, y, index in it:
         x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+        labels = given_labels(dataset, int(index), y, k) if given else None
         with amp:
-            scores = predict(model, normalize(x), cfg, out_size=y.shape[-2:])
+            scores = predict(model, normalize(x), cfg, out_size=y.shape[-2:], labels=labels)
+        if cfg["eval"]["crf"]:
+            scores = crf_refine(x[0], probabilities(scores, cfg, model)[0], cfg)[None]
         conf += confusion(scores.argmax(1), y, k)
     all_reduce_sum(conf)
     model.train(was_training)
     out = metrics(conf, class_names(cfg["dataset"]["name"], cfg["dataset"]["root"]))
     out.update(images=len(dataset), mode=cfg["eval"]["mode"])
     return out
+
+
+def given_labels(dataset, index: int, y: torch.Tensor, k: int) -> torch.Tensor:
+    """The classes [1, K-1] an evaluated image may hold under `eval.image_labels: given` (SLRNet's
+    --use_cls_label 1): its line of the dataset's image-label file, else its ground-truth mask's classes."""
+    from semiseg_cli.data.dataset import image_classes
+
+    return image_classes(dataset, index, y[0].cpu().numpy()).to(y.device)[None]
+
+
+def crf_refine(image: torch.Tensor, probs: torch.Tensor, cfg: dict) -> torch.Tensor:
+    """Dense-CRF marginals (the `crf` section) of probabilities [K, H, W] for a uint8 image [3, h, w] (resized
+    to the probabilities' size when they differ)."""
+    import cv2
+    import numpy as np
+
+    from semiseg_cli.crf import dense_crf
+
+    img = image.permute(1, 2, 0).cpu().numpy().astype(np.uint8)
+    h, w = probs.shape[-2:]
+    if img.shape[:2] != (h, w):
+        img = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
+    c = cfg["crf"]
+    out = dense_crf(img, probs.float().cpu().numpy(), c["iters"], c["gauss_sxy"], c["gauss_compat"], c["bilateral_sxy"],
+                    c["bilateral_srgb"], c["bilateral_compat"])
+    return torch.from_numpy(out).to(probs.device)
 
 
 def autocast_for(cfg: dict, env: DistEnv):

@@ -152,7 +152,7 @@ def model_scores(model, cfg: dict):
         out = [None] * len(sizes)
         for size in dict.fromkeys(map(tuple, sizes)):
             idx = [i for i, s in enumerate(sizes) if tuple(s) == size]
-            for i, p in zip(idx, probabilities(predict(model, x[idx], cfg, out_size=size), cfg)):
+            for i, p in zip(idx, probabilities(predict(model, x[idx], cfg, out_size=size), cfg, model)):
                 out[i] = p
         return out
 

@@ -634,10 +634,14 @@ def _step(run: Run, log: RunLog, amp, kinds: dict, channels_last: bool, nonfinit
         log.write(rec)
         if env.is_main:
             err.print(" ".join(f"{k} {v}" for k, v in rec.items()), markup=False)
+    result = None
     if it % run.eval_every == 0 or it == run.total:
         _check_finite(run, nonfinite, it, weights=True)
-        return _evaluate_and_save(run, log, it, epoch)
-    return None
+        result = _evaluate_and_save(run, log, it, epoch)
+    if it % run.iters_per_epoch == 0 and it // run.iters_per_epoch - 1 in tr["keep_epochs"]:
+        _check_finite(run, nonfinite, it, weights=True)  # the end of a kept epoch (SLRNet's checkpoint20 etc.)
+        _save_checkpoint(run, it, improved=False, rng=_gather_rng(env), names=(f"epoch{it // run.iters_per_epoch - 1}.pt",))
+    return result
 
 
 def _to_device(parts, names, kinds: dict, device: torch.device, channels_last: bool) -> dict:
@@ -696,9 +700,9 @@ def _eval_progress(it: int, items, total: int, desc: str):
     return progress(items, total=total, desc=f"{desc} @ {it}", every=max(1, -(-total // 4)))
 
 
-def _save_checkpoint(run: Run, it: int, improved: bool, rng: list) -> None:
-    """last.pt (and best.pt when `improved`) of iteration `it`, written atomically by rank 0: a full disk
-    leaves the previous file and says so in one line."""
+def _save_checkpoint(run: Run, it: int, improved: bool, rng: list, names: tuple | None = None) -> None:
+    """last.pt (and best.pt when `improved`; or the files `names`) of iteration `it`, written atomically by
+    rank 0: a full disk leaves the previous file and says so in one line."""
     if not run.env.is_main:
         return
     # contiguous: a channels_last run's NHWC weights saved in the usual layout (readable by any tool, .view-able)
@@ -708,10 +712,11 @@ def _save_checkpoint(run: Run, it: int, improved: bool, rng: list) -> None:
                   "total_iters": run.total, "rng": rng,
                   "method_state": run.state.state_dict() if hasattr(run.state, "state_dict") else None,
                   "config": run.cfg, "version": __version__}
-    for name in ("last.pt", "best.pt") if improved else ("last.pt",):
+    for name in names or (("last.pt", "best.pt") if improved else ("last.pt",)):
         with writing(run.out / name):
             save_atomic(checkpoint, run.out / name)
-    run.saved_iter = it
+    if names is None:
+        run.saved_iter = it
 
 
 def _gather_rng(env: DistEnv) -> list:

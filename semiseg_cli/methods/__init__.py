@@ -24,4 +24,5 @@ METHODS: dict[str, str] = {
     "s4mc": "semiseg_cli.methods.s4mc",
     "semivl": "semiseg_cli.methods.semivl",
     "semiovs": "semiseg_cli.methods.semiovs",
+    "slrnet": "semiseg_cli.methods.slrnet",
 }

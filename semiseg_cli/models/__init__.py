@@ -8,7 +8,8 @@ The model contract (what the trainer, the methods, `eval`, `infer` and `gen-pseu
   perturbation (UniMatch's Dropout2d(0.5) on the decoder's input features) applied to a copy only.
 - Trainable parameters live in top-level children whose names are `optim.lr_mult` keys (`backbone`,
   `head`; SemiVL adds `conv_encoder`): the optimiser makes one LR group per child (engine/optim.py).
-  A training-free model (MaskCLIP) has no trainable parameter and refuses `need_fp`.
+  A training-free model (MaskCLIP) has no trainable parameter and refuses `need_fp`; SLRNet, trained by its
+  own method only (`OWN_METHOD`), has no FP stream either.
 - Always call `model(...)`, never a submodule, inside train_step: under DDP only the wrapper's forward
   synchronises gradients (a two-view forward goes through `model(x, x2)`).
 - Fixed tensors a prediction needs (class text embeddings) are buffers, so a checkpoint is self-contained.
@@ -89,9 +90,11 @@ MODELS = {
     "semivl": _lazy("semiseg_cli.models.semivl", "build_semivl"),
     "smp": _lazy("semiseg_cli.models.smp", "build_smp"),
     "maskclip": _lazy("semiseg_cli.models.maskclip", "build_maskclip"),
+    "slrnet": _lazy("semiseg_cli.models.slrnet", "build_slrnet"),
 }
 # models with no trainable parameter: `eval --recipe` evaluates them from their weights, `train` refuses them
 TRAINING_FREE = {"maskclip"}
+from semiseg_cli.config import OWN_METHOD  # noqa: E402  models trained by one method only (no `need_fp` stream)
 # config keys of weight files a builder reads (cleared by build_model(load_weights=False))
 WEIGHT_KEYS = ("weights", "conv_encoder_weights")
 
@@ -103,6 +106,7 @@ CONVERT_HINT = {
     "tf_efficientnet_lite0": "semiseg convert-weights efficientnet-lite0 - {dst}",
     "efficientnet_lite0": "semiseg convert-weights efficientnet-lite0 - {dst} --backbone efficientnet_lite0",
     "xception65_unimatch": "semiseg convert-weights unimatch-xception pretrained/xception.pth {dst}",
+    "wideresnet38": "semiseg convert-weights wideresnet38 ilsvrc-cls_rna-a1_cls1000_ep-0001.pth {dst}",
 }
 
 
