@@ -325,6 +325,9 @@ def plot_cmd(runs: List[Path] = typer.Argument(..., help="Run folders written by
     "  semiseg gen-pseudo --model checkpoint --checkpoint runs/demo/best.pt --images data/synthetic/images --out pseudo\n\n"
     "  semiseg gen-pseudo --model checkpoint --checkpoint best.pt --images extra/ --out data/voc/pseudo --ignore-below 0.9 "
     "--save-conf --list data/voc/splits/pseudo/labeled.txt --root data/voc   (then: train --set dataset.split=pseudo)\n\n"
+    "  semiseg gen-pseudo --model checkpoint --checkpoint runs/slrnet/epoch20.pt --images data/voc/train_aug.txt "
+    "--image-labels data/voc/image_labels_xml.txt --crf --out data/voc/slrnet_pseudo --list "
+    "data/voc/splits/slrnet_pseudo/labeled.txt --root data/voc   (SLRNet's two-stage labels)\n\n"
     "  semiseg gen-pseudo --model maskclip --weights weights/clip_vitb16.pt --classes voc12_wbg_classes_w_concepts4 "
     "--images photos/ --out maskclip-labels --save-scores\n\n"
     "  semiseg gen-pseudo --model sed --weights weights/sed_l.pt --classes sed_voc21 --images data/coco/images/train2017 "
@@ -336,6 +339,7 @@ def gen_pseudo_cmd(model: str = typer.Option(..., "--model", "-m", callback=_one
                    images: Path = typer.Option(..., "--images", help="A folder, an image file, or a text file listing images."),
                    out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder."),
                    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="checkpoint: a trained run's best.pt / last.pt."),
+                   image_labels: Optional[Path] = typer.Option(None, "--image-labels", help="checkpoint of SLRNet: each image's given classes, a '<id> <class>...' file (prepare-data's image_labels.txt / image_labels_xml.txt); SLRNet's --use_cls_label 1."),
                    weights: Optional[Path] = typer.Option(None, "--weights", help="maskclip: converted CLIP weights (convert-weights openai-clip); sed: convert-weights sed."),
                    classes: Optional[str] = typer.Option(None, "--classes", help="maskclip, sed: a bundled class set (sed: sed_voc21, sed_context60) or a JSON file (class -> concepts -> synonyms, or SED's {class_names, groups})."),
                    precision: str = typer.Option("fp32", "--precision", callback=_one_of(PRECISIONS),
@@ -359,8 +363,8 @@ def gen_pseudo_cmd(model: str = typer.Option(..., "--model", "-m", callback=_one
     check_output_dir(out_dir)  # before a labeler loads its weights
     env = init_distributed()
     try:
-        labeler = build_labeler(model, {"checkpoint": checkpoint, "weights": weights, "classes": classes,
-                                        "precision": precision, "input_size": input_size, "sets": sets or []},
+        labeler = build_labeler(model, {"checkpoint": checkpoint, "image_labels": image_labels, "weights": weights,
+                                        "classes": classes, "precision": precision, "input_size": input_size, "sets": sets or []},
                                 env.device)
         summary = generate(labeler, images, out_dir, env, ignore_below, save_conf, save_scores, list_file, root,
                            batch_size, workers=min(labeler.cfg["train"]["workers"], 2), crf=crf)
@@ -400,8 +404,8 @@ def convert_weights(fmt: str = typer.Argument(..., metavar="FORMAT", help=", ".j
                         None, "--model-name", help="open-clip: the open_clip model config giving the activation "
                         "(QuickGELU or GELU) when the checkpoint does not say (default ViT-B-16)."),
                     recipe: Optional[str] = typer.Option(
-                        None, "--recipe", "-r", help="unimatch-checkpoint: the recipe the checkpoint was trained with "
-                        "(its model and dataset; DST becomes a semiseg checkpoint)."),
+                        None, "--recipe", "-r", help="unimatch-checkpoint, slrnet: the recipe the checkpoint was trained "
+                        "with (its model and dataset; DST becomes a semiseg checkpoint)."),
                     sets: Optional[List[str]] = SetOpt):
     """Convert original weight files into semiseg state dicts (every key used, every shape checked); prints a
     summary (keys mapped, dropped, sidecar files), the full key mapping with -v."""

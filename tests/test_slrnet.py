@@ -149,7 +149,7 @@ def test_segmentation_loss_starts_after_the_pretrain_epochs():
     assert losses[0] == 0 and losses[1] > 0  # `epoch > pretrain_epochs`, as the original
 
 
-def test_train_eval_infer_through_the_cli(tiny_root, tmp_path, semiseg):
+def test_train_eval_infer_and_the_two_stage_path_through_the_cli(tiny_root, synthetic_root, tmp_path, semiseg):
     run = tmp_path / "run"
     sets = [f"dataset.root={tiny_root}", *TINY, *SLR[2:], "train.iters=4", "train.eval_every=4",
             "train.keep_epochs=[0]", "eval.scales=[1.0, 0.5]", "eval.flip=true"]
@@ -167,6 +167,37 @@ def test_train_eval_infer_through_the_cli(tiny_root, tmp_path, semiseg):
                            "--out", tmp_path / "pred", "--crf")
     assert code == 0, err
     assert (tmp_path / "pred" / "00003.png").is_file()
+
+    # two-stage: gen-pseudo with the given image labels and CRF writes a split, a supervised model trains on it
+    from PIL import Image
+
+    from semiseg_cli.data.image_labels import read_image_labels
+    from semiseg_cli.data.splits import read_split
+
+    view = tmp_path / "view"
+    (view / "splits").mkdir(parents=True)
+    for name in ("images", "masks", "classes.txt"):
+        (view / name).symlink_to(tiny_root / name)
+    (view / "splits" / "val.txt").write_text((tiny_root / "splits" / "val.txt").read_text())
+    train_items = read_split(tiny_root / "splits" / "tiny" / "labeled.txt")
+    (view / "train.txt").write_text("".join(f"{image}\n" for image, _ in train_items))
+    code, out, err = semiseg("gen-pseudo", "--model", "checkpoint", "--checkpoint", run / "last.pt",
+                             "--images", view / "train.txt", "--image-labels", synthetic_root / "image_labels.txt",
+                             "--crf", "--out", view / "pseudo", "--list", view / "splits" / "pseudo" / "labeled.txt",
+                             "--root", view)
+    assert code == 0, err
+    assert json.loads(out)["written"] == len(train_items)
+    given = read_image_labels(synthetic_root / "image_labels.txt", 6)
+    for image, _ in train_items:  # a pseudo-label holds only the background and the image's given classes
+        stem = image.split("/")[-1][:-4]
+        assert set(np.unique(np.array(Image.open(view / "pseudo" / f"{stem}.png")))) <= {0, *given[stem]}
+    stage2 = tmp_path / "stage2"
+    sets = [f"dataset.root={view}", *TINY, "dataset.split=pseudo", "train.iters=2", "train.eval_every=2"]
+    code, _, err = semiseg("train", "--recipe", "supervised-synthetic", *[a for s in sets for a in ("--set", s)],
+                           "--out", stage2)
+    assert code == 0, err
+    code, out, err = semiseg("eval", "--run", stage2, "--json")
+    assert code == 0 and 0 <= json.loads(out)["miou"] <= 100, err
 
 
 def test_keep_epochs_checkpoint_of_a_finished_epoch(tiny_root, tmp_path):

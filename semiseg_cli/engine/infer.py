@@ -105,8 +105,8 @@ def predict_images(score_fn, files: list[Path], prepare, device: torch.device, b
     or `(index, None, error line)` for a file that cannot be read.
 
     Args:
-        score_fn: (stacked inputs [B, ...] on `device`, the images' sizes [(H, W)] * B) -> per-image scores
-            [K, H, W] at each image's size (`model_scores` for a model run as `eval` runs it).
+        score_fn: (stacked inputs [B, ...] on `device`, the images' sizes [(H, W)] * B, their files) -> per-image
+            scores [K, H, W] at each image's size (`model_scores` for a model run as `eval` runs it).
         prepare: PIL RGB image -> the network input tensor (picklable: it runs in the workers), e.g.
             `eval_input_of(cfg)`; images whose inputs have one shape share a batch whatever their sizes.
         crf: dense-CRF parameters (the `crf` config section) to refine the scores with, or None.
@@ -118,7 +118,7 @@ def predict_images(score_fn, files: list[Path], prepare, device: torch.device, b
 
     def flush():
         x = torch.stack([t for _, t, _ in pending]).to(device)
-        scores = score_fn(x, [image.shape[:2] for _, _, image in pending])
+        scores = score_fn(x, [image.shape[:2] for _, _, image in pending], [files[i] for i, _, _ in pending])
         for (i, _, image), s in zip(pending, scores):
             s = s.float().cpu().numpy()
             if crf is not None:
@@ -139,20 +139,35 @@ def predict_images(score_fn, files: list[Path], prepare, device: torch.device, b
         yield from flush()
 
 
-def model_scores(model, cfg: dict):
+def model_scores(model, cfg: dict, image_labels: dict | None = None):
     """The score function of a model (inputs from `eval_input_of(cfg)`): softmax probabilities of the
     prediction `eval` makes (its eval.mode, scales and flip; engine/evaluate.py `predict` and `probabilities`),
-    one prediction per group of images of one size."""
-    from semiseg_cli.engine.evaluate import predict, probabilities
+    one prediction per group of images of one size. `image_labels` (id = file stem -> its foreground classes,
+    data/image_labels.py): the classes each image may hold, for a model with its own inference (SLRNet's
+    --use_cls_label 1: how its two-stage pseudo-labels are made)."""
+    from semiseg_cli.engine.evaluate import own_inference, predict, probabilities
 
     model.eval()
+    if image_labels is not None and not own_inference(model):
+        raise UserError("--image-labels applies to a model with its own inference (SLRNet); this checkpoint's "
+                        f"{cfg['model']['name']} predicts every class")
 
-    def scores(x: torch.Tensor, sizes: list) -> list:
+    def labels_of(files) -> torch.Tensor:
+        out = torch.zeros(len(files), cfg["dataset"]["num_classes"] - 1)
+        for row, f in zip(out, files):
+            if f.stem not in image_labels:
+                raise UserError(f"{f}: no line for {f.stem!r} in the --image-labels file; add it or leave the image out")
+            row[[c - 1 for c in image_labels[f.stem]]] = 1
+        return out
+
+    def scores(x: torch.Tensor, sizes: list, files: list) -> list:
         x = normalize(x)
         out = [None] * len(sizes)
+        labels = labels_of(files).to(x.device) if image_labels is not None else None
         for size in dict.fromkeys(map(tuple, sizes)):
             idx = [i for i, s in enumerate(sizes) if tuple(s) == size]
-            for i, p in zip(idx, probabilities(predict(model, x[idx], cfg, out_size=size), cfg, model)):
+            given = labels[idx] if labels is not None else None
+            for i, p in zip(idx, probabilities(predict(model, x[idx], cfg, out_size=size, labels=given), cfg, model)):
                 out[i] = p
         return out
 
@@ -178,7 +193,7 @@ def infer(model, cfg: dict, images: str | Path, out: str | Path, device: torch.d
     names = class_names(cfg["dataset"]["name"], cfg["dataset"]["root"]) if with_overlay else []
     failed, written = [], 0
     for i, image, scores in predict_images(model_scores(model, cfg), files, eval_input_of(cfg), device,
-                                           batch_size, workers, cfg["crf"] if crf else None):
+                                           batch_size, workers, cfg["crf"] if crf or cfg["eval"]["crf"] else None):
         if image is None:
             failed.append(scores)
             err.print(f"skipped: {scores}", markup=False)

@@ -5,7 +5,8 @@ and palette; `pseudo/writer.py` is the one writer (labels, confidences, scores, 
 sharded over torchrun processes). Labelers are looked up by `--model` in `LABELERS`:
 
     checkpoint  a trained semiseg checkpoint (`--checkpoint`): the softmax probabilities of the prediction
-                `eval` makes with the checkpoint's eval settings (whole / slide, scales, flip)
+                `eval` makes with the checkpoint's eval settings (whole / slide, scales, flip); an SLRNet
+                checkpoint with `--image-labels FILE` keeps each image's given classes (its two-stage labels)
     maskclip    MaskCLIP (`--weights`, a `convert-weights openai-clip|open-clip` file; `--classes`): the
                 softmax of 100 x the cosine of the dense CLIP features with 85-template prompt ensembles,
                 max over each class's concepts (a 21-class VOC space through background concepts, e.g.
@@ -30,8 +31,8 @@ from semiseg_cli.errors import UserError, unknown_name
 class Labeler:
     """What the writer needs from a labeler.
 
-    score_fn: (stacked `prepare` outputs [B, ...] on the device, image sizes [(H, W)] * B) -> per-image scores
-        [K, H, W] in [0, 1] at each image's size (`engine.infer.predict_images`).
+    score_fn: (stacked `prepare` outputs [B, ...] on the device, image sizes [(H, W)] * B, their files) -> per-image
+        scores [K, H, W] in [0, 1] at each image's size (`engine.infer.predict_images`).
     class_names: the K names; palette: [256, 3] uint8 colours of the label PNGs.
     prepare: PIL RGB image -> network input tensor, run in the DataLoader workers (picklable).
     cfg: the resolved config (its `crf` section refines scores with --crf; train.workers).
@@ -52,8 +53,13 @@ def checkpoint_labeler(opts: dict, device) -> Labeler:
         raise UserError("gen-pseudo --model checkpoint needs --checkpoint FILE (best.pt / last.pt of a run)")
     cfg, model = model_from_checkpoint(opts["checkpoint"], None, opts.get("sets") or [])
     ds = cfg["dataset"]
-    return Labeler(model_scores(model.to(device), cfg), class_names(ds["name"], ds["root"]), palette(ds["name"]),
-                   eval_input_of(cfg), cfg)
+    labels = None
+    if opts.get("image_labels"):
+        from semiseg_cli.data.image_labels import read_image_labels
+
+        labels = read_image_labels(opts["image_labels"], ds["num_classes"])
+    return Labeler(model_scores(model.to(device), cfg, labels), class_names(ds["name"], ds["root"]),
+                   palette(ds["name"]), eval_input_of(cfg), cfg)
 
 
 def maskclip_labeler(opts: dict, device) -> Labeler:
@@ -116,7 +122,7 @@ def sed_labeler(opts: dict, device) -> Labeler:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
 
-    def scores(x: torch.Tensor, sizes: list) -> list:
+    def scores(x: torch.Tensor, sizes: list, files: list) -> list:
         with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
             probs = model(x, text).float().sigmoid()
         # per image: resize every concept map to the image (SED's sem_seg_postprocess), then max per class

@@ -78,7 +78,7 @@ def generate(labeler: Labeler, images: str | Path, out: str | Path, env: DistEnv
     stats = torch.zeros(6 + k, dtype=torch.float64)
     stats[1] = len(mine) - len(todo)
     failed = []
-    crf_params = labeler.cfg["crf"] if crf else None
+    crf_params = labeler.cfg["crf"] if crf or labeler.cfg["eval"]["crf"] else None  # --crf, or a recipe's eval.crf
     for i, image, scores in predict_images(labeler.score_fn, todo, labeler.prepare, env.device, batch_size,
                                            workers, crf_params, desc="gen-pseudo"):
         if image is None:
