@@ -114,6 +114,7 @@ RANGES: dict[str, tuple] = {
     "eval.topk_classes": (1, INF, "[)"),
     "eval.bg_pow": (0, INF, "()"),
     "model.cvlr_iters": (1, INF, "[)"),
+    "model.deep_stage": (-1, INF, "[)"),         # a timm stage index (-1 = the last)
     "slrnet.view_scale": (0, 1, "(]"),
     "slrnet.crop_scale": (0, 1, "(]"),         # and low <= high (ORDERED)
     "train.keep_epochs": (0, INF, "[)"),

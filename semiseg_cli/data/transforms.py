@@ -179,3 +179,10 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1) * 255
     std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1) * 255
     return (x.float() - mean) / std
+
+
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    """`normalize`'s inverse, to RGB in [0, 1] (SLRNet's PAMR computes its affinities on the raw image)."""
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    return x.float() * std + mean

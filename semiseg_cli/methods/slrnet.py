@@ -21,14 +21,17 @@ their CVLR codes:
 
 with (c0, c1, c2, c3) = slrnet.loss_coeff. The original's mean over the pixel-labelled images is NaN in a batch
 without one (about 4 % of its iterations); here that term is 0. semi_nocls predicts the background as a
-class, raises it to the power slrnet.pamr_bg_pow (3) before PAMR, and drops the class-count gate.
+class, raises it to the power slrnet.pamr_bg_pow (3) before PAMR, and drops the class-count gate
+(`balanced_ce`); slrnet.class_gate=false drops it in the other variants too (the synthetic recipes: their
+images hold 2-3 shapes each, and a pseudo mask holding every one of them is rare early on, so the gate passed
+1 image in 64 and the segmentation loss never started; VOC images mostly hold one class).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from semiseg_cli.data.transforms import MEAN, STD
+from semiseg_cli.data.transforms import denormalize
 from semiseg_cli.methods.losses import IGNORE
 from semiseg_cli.models.slrnet_layers import pamr
 
@@ -78,13 +81,6 @@ def max_mask(codes: torch.Tensor) -> torch.Tensor:
     return codes * (codes == codes.max(1, keepdim=True)[0])
 
 
-def denormalize(x: torch.Tensor) -> torch.Tensor:
-    """ImageNet-normalised images back to RGB in [0, 1] (PAMR's affinities are computed on the raw image)."""
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
-    return x.float() * std + mean
-
-
 @torch.no_grad()
 def make_pseudo(out: dict, x: torch.Tensor, labels: torch.Tensor, cfg: dict) -> torch.Tensor:
     """Pseudo masks at the crop size from the two views' masks: PAMR on their mean (image resized to the
@@ -115,7 +111,7 @@ def train_step(model, batch: dict, ctx) -> tuple:
     if s["variant"] != "wss":  # pixel-labelled images learn from their masks
         gt = onehot_labels(batch["t_y"], pseudo.shape[1])
         pseudo = torch.where(has_mask[:, None, None, None], gt, pseudo)
-    gate = None if nocls else labels
+    gate = labels if s["class_gate"] and not nocls else None
     seg = (balanced_ce(out["logits1"], pseudo, gate) + balanced_ce(out["logits2"], pseudo, gate)
            + a * balanced_ce(out["aux_logits"], pseudo, gate))
 

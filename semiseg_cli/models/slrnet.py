@@ -37,16 +37,18 @@ def _bn(c: int) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(c, momentum=BN_MOMENTUM, eps=1e-5)
 
 
-def build_encoder(name: str, output_stride: int = 8) -> tuple[nn.Module, tuple[int, int]]:
+def build_encoder(name: str, output_stride: int = 8, deep_stage: int = -1) -> tuple[nn.Module, tuple[int, int]]:
     """The encoder and its (shallow, deep) channels: forward -> (stride-4 feature, deep feature). A timm encoder
     gives its stride-4 feature and its last feature, dilated to `output_stride` (8 = WideResNet-38's conv6; the
-    CPU recipes take 16, a quarter of the deep stages' cost: the head upsamples it to stride 4 anyway)."""
+    CPU recipes take 16, a quarter of the deep stages' cost: the head upsamples it to stride 4 anyway), or with
+    `deep_stage` another stage's (2: the stride-8 stage, whose smaller receptive field keeps the class logits of
+    small images local)."""
     if name == "wideresnet38":
         from semiseg_cli.models.wideresnet38 import WideResNet38
 
         encoder = WideResNet38()
         return encoder, tuple(encoder.out_channels)
-    encoder = timm.create_model(name, pretrained=False, features_only=True, out_indices=(1, -1),
+    encoder = timm.create_model(name, pretrained=False, features_only=True, out_indices=(1, deep_stage),
                                 output_stride=output_stride)
     return encoder, tuple(encoder.feature_info.channels())
 
@@ -77,6 +79,7 @@ class SLRNet(nn.Module):
     Args:
         backbone: "wideresnet38" or a timm encoder name.
         output_stride: a timm encoder's deep-feature stride (WideResNet-38's is 8).
+        deep_stage: the timm encoder stage giving the deep feature (-1: the last).
         num_classes: K, background included.
         predict_background: K real logits (semi without image labels) instead of K - 1 and a constant one.
         channels: head width (256 in the paper).
@@ -84,10 +87,10 @@ class SLRNet(nn.Module):
     """
 
     def __init__(self, backbone: str, num_classes: int, predict_background: bool = False, channels: int = 256,
-                 cvlr_iters: int = 1, output_stride: int = 8):
+                 cvlr_iters: int = 1, output_stride: int = 8, deep_stage: int = -1):
         super().__init__()
         self.num_classes, self.predict_background = num_classes, predict_background
-        self.backbone, (shallow, deep) = build_encoder(backbone, output_stride)
+        self.backbone, (shallow, deep) = build_encoder(backbone, output_stride, deep_stage)
         self.head = SLRNetHead(shallow, deep, num_classes if predict_background else num_classes - 1, channels,
                                cvlr_iters)
 
@@ -193,7 +196,7 @@ def build_slrnet(cfg: dict) -> nn.Module:
     m = cfg["model"]
     with timm_name_errors(m["backbone"]):
         model = SLRNet(m["backbone"], cfg["dataset"]["num_classes"], cfg["slrnet"]["variant"] == "semi_nocls",
-                       m["head_channels"], m["cvlr_iters"], m["output_stride"])
+                       m["head_channels"], m["cvlr_iters"], m["output_stride"], m["deep_stage"])
     if m["weights"]:
         make_packaged_weights(m["backbone"], m["weights"])
         load_backbone_weights(model, m["weights"], convert_hint(m["backbone"], m["weights"]))
