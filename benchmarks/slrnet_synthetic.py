@@ -21,23 +21,15 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from demo_gain import semiseg  # the benchmarks' one CLI runner (this folder is the script's path)
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = {"slrnet": "slrnet-synthetic", "cls": "slrnet-synthetic-cls", "semi": "slrnet-synthetic-semi",
         "supervised": "supervised-synthetic"}
 WEAK = {"slrnet", "cls"}
-
-
-def semiseg(*args) -> str:
-    proc = subprocess.run([sys.executable, "-m", "semiseg_cli", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True)
-    if proc.returncode:
-        sys.exit(f"semiseg {' '.join(map(str, args))} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
-    return proc.stdout
 
 
 def train(arm: str, out: Path, seed: int, sets: list[str]) -> float:

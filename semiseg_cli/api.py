@@ -56,9 +56,7 @@ class Predictor:
             x = self._prepare(image)[None].to(self.device)
             probs = self._scores(x, [(image.height, image.width)])[0].float().cpu().numpy()
         if crf:
-            c = self.cfg["crf"]
-            probs = dense_crf(np.asarray(image), probs, c["iters"], c["gauss_sxy"], c["gauss_compat"],
-                              c["bilateral_sxy"], c["bilateral_srgb"], c["bilateral_compat"])
+            probs = dense_crf(np.asarray(image), probs, **self.cfg["crf"])
         return probs.argmax(0).astype(np.uint8), probs
 
 

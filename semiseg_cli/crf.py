@@ -1,7 +1,8 @@
 """Fully connected CRF refinement (Krähenbühl & Koltun) through pydensecrf (the `pydensecrf2` wheel).
 
 Defaults are SLRNet's `utils/dcrf.py` (specs/slrnet_s4mc.md): unary -log(clip(p, 1e-5)), Gaussian
-pairwise sxy 3 / compat 3, bilateral sxy 80 / srgb 13 / compat 10, 10 mean-field iterations.
+pairwise sxy 3 / compat 3, bilateral sxy 80 / srgb 13 / compat 10, 10 mean-field iterations. The keyword
+arguments are the config's `crf` section keys: `dense_crf(image, probs, **cfg["crf"])`.
 """
 from __future__ import annotations
 

@@ -199,9 +199,7 @@ def crf_refine(image: torch.Tensor, probs: torch.Tensor, cfg: dict) -> torch.Ten
     h, w = probs.shape[-2:]
     if img.shape[:2] != (h, w):
         img = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
-    c = cfg["crf"]
-    out = dense_crf(img, probs.float().cpu().numpy(), c["iters"], c["gauss_sxy"], c["gauss_compat"], c["bilateral_sxy"],
-                    c["bilateral_srgb"], c["bilateral_compat"])
+    out = dense_crf(img, probs.float().cpu().numpy(), **cfg["crf"])
     return torch.from_numpy(out).to(probs.device)
 
 

@@ -122,8 +122,7 @@ def predict_images(score_fn, files: list[Path], prepare, device: torch.device, b
         for (i, _, image), s in zip(pending, scores):
             s = s.float().cpu().numpy()
             if crf is not None:
-                s = dense_crf(image, s, crf["iters"], crf["gauss_sxy"], crf["gauss_compat"], crf["bilateral_sxy"],
-                              crf["bilateral_srgb"], crf["bilateral_compat"])
+                s = dense_crf(image, s, **crf)
             yield i, image, s
         pending.clear()
 
@@ -160,7 +159,7 @@ def model_scores(model, cfg: dict, image_labels: dict | None = None):
             row[[c - 1 for c in image_labels[f.stem]]] = 1
         return out
 
-    def scores(x: torch.Tensor, sizes: list, files: list) -> list:
+    def scores(x: torch.Tensor, sizes: list, files: list | None = None) -> list:
         x = normalize(x)
         out = [None] * len(sizes)
         labels = labels_of(files).to(x.device) if image_labels is not None else None

@@ -122,7 +122,7 @@ def sed_labeler(opts: dict, device) -> Labeler:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
 
-    def scores(x: torch.Tensor, sizes: list, files: list) -> list:
+    def scores(x: torch.Tensor, sizes: list, files: list | None = None) -> list:
         with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
             probs = model(x, text).float().sigmoid()
         # per image: resize every concept map to the image (SED's sem_seg_postprocess), then max per class
