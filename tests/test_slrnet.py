@@ -33,6 +33,16 @@ def test_voc_epoch_sizes_of_the_three_variants():
                 load_config("slrnet-voc-wss", ["dataset.root=/nonexistent"]))[0][:1464]))
 
 
+def test_the_stage_two_recipe_has_mmsegs_deeplabv3plus_voc_values():
+    # SLRNet ships no stage-2 config; the recipe carries mmseg's deeplabv3plus_r101-d8_512x512_20k_voc12aug
+    cfg = load_config("supervised-voc-slrnet-pseudo")
+    tr, opt = cfg["train"], cfg["optim"]
+    assert (tr["crop_size"], tr["iters"], tr["global_batch"]) == (512, 20000, 16)
+    assert (opt["name"], opt["lr"], opt["weight_decay"], opt["schedule"], opt["poly_power"]) == ("sgd", 0.01, 5e-4, "poly", 0.9)
+    assert opt["lr_mult"] == {"backbone": 1.0, "head": 1.0}
+    assert (cfg["model"]["backbone"], cfg["model"]["output_stride"], cfg["dataset"]["split"]) == ("resnet101s", 8, "slrnet_pseudo")
+
+
 def test_pseudo_masks_thresholds_and_ambiguity():
     m = torch.zeros(1, 3, 1, 5)
     m[0, 0] = torch.tensor([0.9, 0.5, 0.1, 0.6, 0.05])   # background: thresh max(0.7 x 0.9, 0.2) = 0.63
