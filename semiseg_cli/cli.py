@@ -390,6 +390,8 @@ def gen_pseudo_cmd(model: str = typer.Option(..., "--model", "-m", callback=_one
     "   (a released UniMatch / FixMatch / PrevMatch / SemiOVS model: then eval / infer / gen-pseudo --checkpoint)\n\n"
     "  semiseg convert-weights sed pretrained/sed_model_large.pth weights/sed_l.pt   (SED-L; also writes "
     "weights/sed_l.text.pt: then gen-pseudo --model sed)\n\n"
+    "  semiseg convert-weights simseg ckpts/simseg.vit-s.pth runs/simseg-vit-s/zero-shot.pt --tokenizer bert-base-uncased/"
+    "   (a SimSeg checkpoint with its vocabulary: then eval / infer --checkpoint, zero-shot)\n\n"
     "Then train with --set model.weights=weights/....pt\n\n"
     "Prints a summary line on stderr; -v adds every source key -> target key, -q prints nothing."))
 def convert_weights(fmt: str = typer.Argument(..., metavar="FORMAT", help=", ".join(FORMATS) + "."),
@@ -404,8 +406,11 @@ def convert_weights(fmt: str = typer.Argument(..., metavar="FORMAT", help=", ".j
                         None, "--model-name", help="open-clip: the open_clip model config giving the activation "
                         "(QuickGELU or GELU) when the checkpoint does not say (default ViT-B-16)."),
                     recipe: Optional[str] = typer.Option(
-                        None, "--recipe", "-r", help="unimatch-checkpoint, slrnet: the recipe the checkpoint was trained "
-                        "with (its model and dataset; DST becomes a semiseg checkpoint)."),
+                        None, "--recipe", "-r", help="unimatch-checkpoint, slrnet, simseg: the recipe the checkpoint was "
+                        "trained with (its model and dataset; DST becomes a semiseg checkpoint)."),
+                    tokenizer: Optional[str] = typer.Option(
+                        None, "--tokenizer", help="simseg: the bert-base-uncased tokenizer folder (or its vocab.txt), "
+                        "stored in DST."),
                     sets: Optional[List[str]] = SetOpt):
     """Convert original weight files into semiseg state dicts (every key used, every shape checked); prints a
     summary (keys mapped, dropped, sidecar files), the full key mapping with -v."""
@@ -414,7 +419,7 @@ def convert_weights(fmt: str = typer.Argument(..., metavar="FORMAT", help=", ".j
     if quiet and verbose:
         raise UserError("pass at most one of -q/--quiet and -v/--verbose")
     stdout.print(json.dumps(convert(fmt, src, dst, backbone, quiet, model_name=model_name, recipe=recipe,
-                                    sets=sets or [], verbose=verbose)))
+                                    sets=sets or [], verbose=verbose, tokenizer=tokenizer)))
 
 
 def _one_line(e: BaseException) -> str:

@@ -33,6 +33,7 @@ NULLABLE = {
     "eval.crop": int, "eval.stride": int, "eval.resize_short": int, "model.class_text": str,
     "model.conv_encoder": str, "model.conv_encoder_weights": str, "ssl.guidance_text": str,
     "optim.bias_weight_decay": float, "eval.img_scale": list, "dataset.image_labels": str,
+    "simseg.vit_depth": int, "simseg.vit_width": int, "simseg.vit_heads": int, "simseg.vocab": str,
 }
 # The shape of list keys whose default is null (a value must look like this).
 NULLABLE_LIST_SHAPE = {"eval.img_scale": [2048, 512],
@@ -56,6 +57,7 @@ CHOICES = {
     "ssl.ood_base": ["unimatch", "prevmatch", "semivl"],  # = methods/semiovs.py BASES
     "slrnet.variant": ["wss", "semi_cls", "semi_nocls"],  # = methods/slrnet.py VARIANTS
     "eval.image_labels": ["predict", "given"],
+    "simseg.pool": ["loda", "avg", "cls"],  # = models/simseg.py POOLS
     "model.vit_act": ["gelu", "quick_gelu"],
     # = models/smp.py ARCHS, spelled out so that reading a config never imports torch (tests/test_smp.py checks)
     "model.arch": ["Unet", "UnetPlusPlus", "FPN", "PSPNet", "DeepLabV3", "DeepLabV3Plus", "Linknet", "MAnet", "PAN",
@@ -128,6 +130,23 @@ RANGES: dict[str, tuple] = {
     "slrnet.pamr_dilations": (1, INF, "[)"),
     "slrnet.pamr_bg_pow": (0, INF, "()"),
     "slrnet.aux_weight": (0, INF, "[)"),
+    "simseg.vit_depth": (1, INF, "[)"),
+    "simseg.vit_width": (1, INF, "[)"),
+    "simseg.vit_heads": (1, INF, "[)"),
+    "simseg.vocab_size": (5, INF, "[)"),        # BERT's five special tokens at least
+    "simseg.text_layers": (1, INF, "[)"),
+    "simseg.text_width": (1, INF, "[)"),
+    "simseg.text_heads": (1, INF, "[)"),
+    "simseg.text_mlp": (1, INF, "[)"),
+    "simseg.max_length": (3, 512, "[]"),       # [CLS] + a word piece + [SEP]; BERT's 512 positions
+    "simseg.embed_dim": (1, INF, "[)"),
+    "simseg.image_k": (1, INF, "[)"),
+    "simseg.text_k": (1, INF, "[)"),
+    "simseg.temperature": (1e-3, 0.5, "[]"),   # its clamp
+    "simseg.image_size": (16, INF, "[)"),
+    "simseg.top_m": (1, INF, "[)"),
+    "simseg.sigma": (0, INF, "[)"),            # theta = mean + sigma x std: 0 = the mean
+    "simseg.walk": (1, INF, "[)"),
     "crf.iters": (0, INF, "[)"),
     "crf.gauss_sxy": (0, INF, "()"),
     "crf.gauss_compat": (0, INF, "[)"),

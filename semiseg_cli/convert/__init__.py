@@ -27,15 +27,18 @@ FORMATS: dict[str, str] = {
     "unimatch-xception": "semiseg_cli.convert.unimatch_xception",
     "wideresnet38": "semiseg_cli.convert.wideresnet38",
     "slrnet": "semiseg_cli.convert.slrnet",
+    "simseg": "semiseg_cli.convert.simseg",
 }
 # option -> (its flag, the formats that take it): --model-name, the open_clip config giving the activation;
-# --recipe / --set, the recipe a trained checkpoint was trained with
-OPTIONS = {"model_name": ("--model-name", {"open-clip"}), "recipe": ("--recipe", {"unimatch-checkpoint", "slrnet"}),
-           "sets": ("--set", {"unimatch-checkpoint", "slrnet"})}
+# --recipe / --set, the recipe a trained checkpoint was trained with; --tokenizer, SimSeg's BERT vocabulary
+TRAINED = {"unimatch-checkpoint", "slrnet", "simseg"}
+OPTIONS = {"model_name": ("--model-name", {"open-clip"}), "recipe": ("--recipe", TRAINED), "sets": ("--set", TRAINED),
+           "tokenizer": ("--tokenizer", {"simseg"})}
 
 
 def convert(fmt: str, src: str, dst: str | Path, backbone: str | None = None, quiet: bool = False,
-            model_name: str | None = None, recipe: str | None = None, sets=(), verbose: bool = False) -> dict:
+            model_name: str | None = None, recipe: str | None = None, sets=(), verbose: bool = False,
+            tokenizer: str | None = None) -> dict:
     """Convert `src` (format `fmt`) for the model `backbone` (default: inferred) and save it to `dst`.
     Prints a summary line on stderr, the whole key mapping too with `verbose`, nothing with `quiet`.
 
@@ -56,7 +59,7 @@ def convert(fmt: str, src: str, dst: str | Path, backbone: str | None = None, qu
     if dst.is_dir():
         raise UserError(f"DST {dst}: is a folder; pass the file to write, e.g. {dst / 'weights.pt'}")
     check_output_dir(dst.parent, "DST's folder")  # before the (slow) conversion
-    options = {"model_name": model_name, "recipe": recipe, "sets": list(sets) or None}
+    options = {"model_name": model_name, "recipe": recipe, "sets": list(sets) or None, "tokenizer": tokenizer}
     for name, value in options.items():
         flag, formats = OPTIONS[name]
         if value is not None and fmt not in formats:

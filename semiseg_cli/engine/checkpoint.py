@@ -37,8 +37,10 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def check_fits(model: torch.nn.Module, state: dict, path: str | Path, what: str) -> None:
-    """One line naming the first missing / unknown / reshaped key when `state` does not fit `model`."""
-    problems = key_mismatches(model.state_dict(), state)
+    """One line naming the first missing / unknown / reshaped key when `state` does not fit `model` (keys in
+    the model's `free_shape_keys`, e.g. SimSeg's stored vocabulary, may have any shape)."""
+    own, free = model.state_dict(), getattr(model, "free_shape_keys", ())
+    problems = key_mismatches(own, {k: (own[k] if k in free and k in own else v) for k, v in state.items()})
     if problems:
         raise UserError(f"{path}: its weights do not fit {what}: {'; '.join(problems)}")
 

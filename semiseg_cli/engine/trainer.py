@@ -51,7 +51,7 @@ from semiseg_cli.errors import (Interrupted, UserError, check_output_dir, expect
                                  writing)
 from semiseg_cli.io import leftover_temps, save_atomic, state_checksum, write_text_atomic
 from semiseg_cli.methods import METHODS
-from semiseg_cli.models import build_model
+from semiseg_cli.models import ZERO_SHOT, build_model
 from semiseg_cli.plot import write_results_csv
 
 __all__ = ["train", "StepContext", "RunSampler", "build_optimizer", "load_method"]
@@ -429,6 +429,10 @@ def _setup(cfg: dict, out: Path, resume: bool, env: DistEnv) -> Run | None:
     method = load_method(cfg["method"])
     per_gpu = per_process_batch(tr["global_batch"], env.world)
     _seed(tr["seed"] + env.rank)
+    if cfg["model"]["name"] in ZERO_SHOT:
+        raise UserError(f"model.name={cfg['model']['name']} learns from image-caption pairs, not from masks: evaluate "
+                        "it zero-shot (semiseg eval / infer --checkpoint of a `convert-weights simseg` file); its "
+                        "text-supervised training is not in this version yet")
     model = init_model(cfg).to(env.device)  # before the datasets: a wrong weights file fails fast
     if not any(p.requires_grad for p in model.parameters()):
         raise UserError(f"model.name={cfg['model']['name']} has no trainable parameters (a training-free model); "

@@ -91,12 +91,17 @@ MODELS = {
     "smp": _lazy("semiseg_cli.models.smp", "build_smp"),
     "maskclip": _lazy("semiseg_cli.models.maskclip", "build_maskclip"),
     "slrnet": _lazy("semiseg_cli.models.slrnet", "build_slrnet"),
+    "simseg": _lazy("semiseg_cli.models.simseg", "build_simseg"),
 }
 # models with no trainable parameter: `eval --recipe` evaluates them from their weights, `train` refuses them
 TRAINING_FREE = {"maskclip"}
+# models whose training is not segmentation (SimSeg learns from image-caption pairs): evaluated zero-shot from a
+# checkpoint (`convert-weights simseg`); `train` with a segmentation method refuses them
+ZERO_SHOT = {"simseg"}
 from semiseg_cli.config import OWN_METHOD  # noqa: E402  models trained by one method only (no `need_fp` stream)
-# config keys of weight files a builder reads (cleared by build_model(load_weights=False))
-WEIGHT_KEYS = ("weights", "conv_encoder_weights")
+# config keys of weight (and vocabulary) files a builder reads, cleared by build_model(load_weights=False): a
+# checkpoint's state brings them
+WEIGHT_KEYS = ("model.weights", "model.conv_encoder_weights", "simseg.vocab")
 
 # backbone -> the convert-weights command that makes its weights file (DST is filled in)
 CONVERT_HINT = {
@@ -129,7 +134,10 @@ def build_model(cfg: dict, load_weights: bool = True) -> nn.Module:
     if name not in MODELS:
         raise UserError(f"unknown model.name {name!r}{did_you_mean(name, MODELS)}; choose one of: {', '.join(MODELS)}")
     if not load_weights:
-        cfg = {**cfg, "model": {**cfg["model"], **{k: None for k in WEIGHT_KEYS}}}
+        cfg = {**cfg}
+        for key in WEIGHT_KEYS:
+            section, sub = key.split(".")
+            cfg[section] = {**cfg[section], sub: None}
     return MODELS[name](cfg)
 
 

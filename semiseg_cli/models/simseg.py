@@ -1,0 +1,339 @@
+"""SimSeg (Yi et al., CVPR 2023, "A Simple Framework for Text-Supervised Semantic Segmentation";
+specs/simseg.md): a CLIP-style image-text model (a timm ViT and a BERT, bias-free projections to 512 on every
+token) trained with locality-driven alignment (LoDA), whose zero-shot segmentation is its own inference here.
+
+Pooling (`simseg.pool`): loda = per-channel mean of the top `image_k` (5) projected patch tokens, per-channel
+max (`text_k` 1) over the valid text tokens; avg = mean over patches / valid tokens ("w/o LoDA"); cls = the
+ViT's CLS and BERT's [CLS] token (holistic alignment). Pooled vectors are L2-normalised as x / (|x| + 1e-8)
+(SimSeg's eps form).
+
+Zero-shot segmentation (`aggregate`, what eval / infer / gen-pseudo call; tools/seg_evaluation.py): the image
+resized to a `simseg.image_size` square (288); class embeddings = the mean over CLIP's 80 ImageNet templates of
+each prompt's L2-normalised text embedding, divided by its norm (no eps); image-level scores s_c = g . t_c of
+the pooled image vector g; candidates = the top 5 classes walked in score order, background (class 0) skipped,
+stopping at the first below theta = mean + sigma x std (unbiased) of the top-M scores (M = `simseg.top_m`,
+clamped to K); per candidate, the cosine map of the L2-normalised patch projections with t_c, nearest x patch
+to the square, min-max normalised, refined by a two-label dense CRF on the de-normalised square image
+(`crf.dense_crf`, unary -log(p + 1e-8), Gaussian 3/3, bilateral 40/13/10, 3 iterations), one 7x7 closing, a
+nearest resize to the image, times s_c; the label is the argmax over the class maps (background's is 0, so
+a class with s_c < 0 loses to it; ties go to the lower index).
+
+The text tower is HuggingFace `transformers`' BertModel (the optional extra `semiseg[simseg]`, imported on use),
+tokenised by the `tokenizers` library's BERT WordPiece from the vocabulary stored in the model (`vocab`, the
+bytes of vocab.txt), so converted files and trained checkpoints tokenise without the tokenizer folder.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from semiseg_cli.errors import UserError
+
+EPS = 1e-8  # SimSeg's L2norm: x / (|x| + 1e-8)
+BERT_MAX_POSITIONS = 512  # bert-base-uncased's position table
+CRF = dict(iters=3, gauss_sxy=3, gauss_compat=3, bilateral_sxy=40, bilateral_srgb=13, bilateral_compat=10, unary_eps=1e-8)
+POOLS = ("loda", "avg", "cls")  # = config CHOICES["simseg.pool"]
+
+
+def l2norm(x: torch.Tensor) -> torch.Tensor:
+    return x / (x.norm(dim=-1, keepdim=True) + EPS)
+
+
+def topk_mean(x: torch.Tensor, k: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-channel mean of the k largest values over tokens: x [B, N, C] -> [B, C] (LoDA). With a 0/1 `mask`
+    [B, N] the masked tokens are set to -10000 first and k is cut to the batch's shortest valid length
+    (SimSeg's TopKPooling, evaluation); without, every token counts (VanillaTopKPooling, training)."""
+    if mask is not None:
+        x = x.masked_fill(mask[..., None] == 0, -10000.0)
+        k = min(k, int(mask.sum(1).min()))
+    return x.topk(k, dim=1).values.mean(1)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over tokens [B, N, C] -> [B, C], of the valid ones with a 0/1 mask [B, N] (AvgPooling)."""
+    if mask is None:
+        return x.mean(1)
+    m = mask[..., None].to(x.dtype)
+    return (x * m).sum(1) / m.sum(1)
+
+
+def resize_pos_embed(pos: torch.Tensor, grid: tuple[int, int], prefix: int = 1) -> torch.Tensor:
+    """A ViT position table [1, prefix + g*g, C] bicubically resized (align_corners=False, no antialias) to
+    `grid`, the prefix (CLS) rows kept: SimSeg's interpolate_pos_embed."""
+    n = pos.shape[1] - prefix
+    g = int(round(n ** 0.5))
+    if g * g != n:
+        raise UserError(f"position embedding of {n} patch rows is not a square grid")
+    if (g, g) == tuple(grid):
+        return pos
+    tokens = pos[:, prefix:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
+    tokens = F.interpolate(tokens.float(), size=tuple(grid), mode="bicubic", align_corners=False)
+    return torch.cat([pos[:, :prefix], tokens.permute(0, 2, 3, 1).flatten(1, 2).to(pos.dtype)], 1)
+
+
+def transformers_module():
+    try:
+        import transformers
+    except ImportError:
+        raise UserError("model.name=simseg needs the `transformers` package (its BERT text tower): "
+                        "pip install 'semiseg[simseg]'") from None
+    return transformers
+
+
+def read_vocab(path: str | Path) -> bytes:
+    """The bytes of a BERT vocab.txt (`path` is the file or a tokenizer folder holding it)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "vocab.txt"
+    if not p.is_file():
+        raise UserError(f"{path}: no BERT vocabulary (a vocab.txt file, or the bert-base-uncased tokenizer folder "
+                        "holding one)")
+    data = p.read_bytes()
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    missing = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t not in lines]
+    if missing:
+        raise UserError(f"{p}: not a BERT vocabulary (no {', '.join(missing)} token)")
+    return data
+
+
+class Tokenizer:
+    """BERT WordPiece tokenisation (lower-cased, bert-base-uncased's) padded and truncated to `max_length`,
+    through the `tokenizers` library (what transformers' fast BertTokenizer runs)."""
+
+    def __init__(self, vocab: bytes, max_length: int = 25):
+        from tokenizers import BertWordPieceTokenizer
+
+        words = vocab.decode("utf-8").splitlines()
+        self.vocab = {w: i for i, w in enumerate(words)}
+        self.tok = BertWordPieceTokenizer(self.vocab, lowercase=True)
+        self.tok.enable_truncation(max_length)
+        self.tok.enable_padding(length=max_length, pad_id=self.vocab["[PAD]"], pad_token="[PAD]")
+
+    def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask), each [N, max_length] long."""
+        enc = self.tok.encode_batch(list(texts))
+        return torch.tensor([e.ids for e in enc]), torch.tensor([e.attention_mask for e in enc])
+
+
+class SimSeg(nn.Module):
+    """Image and text towers with token projections and a learnable temperature.
+
+    Args:
+        backbone: a timm ViT name (its depth / width / heads overridable by `vit`); built at `image_size`'s
+            patch grid, other input sizes use the position table resized on the fly (`resize_pos_embed`).
+        vit: timm overrides {depth, embed_dim, num_heads} (None values: the named model's).
+        text: BERT sizes {layers, width, heads, mlp}; vocab: the vocab.txt bytes (b"": none yet, a checkpoint's
+            comes with its weights); vocab_size: BERT's token table (30522).
+        embed_dim: the projection width (512); pool: loda | avg | cls; image_k, text_k: LoDA's k;
+        temperature: initial tau (used as clamp(tau, 1e-3, 0.5)); max_length: text tokens (25).
+    """
+
+    free_shape_keys = ("vocab",)  # the vocabulary's bytes: a checkpoint's replaces the built one (any length)
+
+    def __init__(self, backbone: str, vit: dict, text: dict, vocab: bytes, vocab_size: int, image_size: int = 288,
+                 embed_dim: int = 512, pool: str = "loda", image_k: int = 5, text_k: int = 1,
+                 temperature: float = 0.02, max_length: int = 25):
+        super().__init__()
+        import timm
+
+        from semiseg_cli.models import timm_name_errors
+
+        tf = transformers_module()
+        with timm_name_errors(backbone):
+            self.image_encoder = timm.create_model(backbone, pretrained=False, num_classes=0, img_size=image_size,
+                                                   dynamic_img_size=True, **{k: v for k, v in vit.items() if v})
+        if not hasattr(self.image_encoder, "pos_embed") or not hasattr(self.image_encoder, "cls_token"):
+            raise UserError(f"model.backbone {backbone!r}: SimSeg needs a timm ViT with a CLS token and a position "
+                            "table (e.g. vit_small_patch16_224, vit_base_patch16_224)")
+        bert = tf.BertConfig(vocab_size=vocab_size, hidden_size=text["width"], num_hidden_layers=text["layers"],
+                             num_attention_heads=text["heads"], intermediate_size=text["mlp"],
+                             max_position_embeddings=BERT_MAX_POSITIONS)
+        self.text_encoder = tf.BertModel(bert, add_pooling_layer=False)
+        self.image_projection = nn.Linear(self.image_encoder.embed_dim, embed_dim, bias=False)
+        self.text_projection = nn.Linear(text["width"], embed_dim, bias=False)
+        self.temperature = nn.Parameter(torch.tensor(float(temperature)))
+        self.register_buffer("vocab", torch.frombuffer(bytearray(vocab), dtype=torch.uint8).clone() if vocab
+                             else torch.zeros(0, dtype=torch.uint8))
+        self.image_size, self.pool, self.image_k, self.text_k = image_size, pool, image_k, text_k
+        self.max_length = max_length
+        self.patch = self.image_encoder.patch_embed.patch_size[0]
+        self.zero_shot = dict(top_m=10, walk=5, sigma=1.0, crf=True)
+        self.class_names: list = []
+        self._tokenizer = None
+        self._class_text = None  # cached class embeddings [K, E], dropped whenever the weights may change
+
+    # --- towers -------------------------------------------------------------------------------------
+    def image_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The ViT's normed tokens [B, 1 + h*w, D] (CLS first) and the patch grid (h, w): SimSeg's forward
+        (patch embedding, CLS, + position table, blocks, final norm; no timm pooling)."""
+        v = self.image_encoder
+        t = v.patch_embed(x)                                   # [B, h, w, D] (timm dynamic_img_size: NHWC)
+        b, h, w, d = t.shape
+        pos = resize_pos_embed(v.pos_embed, (h, w))
+        t = torch.cat([v.cls_token.expand(b, -1, -1), t.reshape(b, h * w, d)], 1) + pos
+        return v.norm(v.blocks(v.pos_drop(t))), (h, w)
+
+    def image_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """(pooled unit embedding g [B, E], projected patch tokens [B, h*w, E], grid)."""
+        tokens, grid = self.image_tokens(x)
+        if self.pool == "cls":
+            return l2norm(self.image_projection(tokens[:, 0])), self.image_projection(tokens[:, 1:]), grid
+        patches = self.image_projection(tokens[:, 1:])
+        pooled = topk_mean(patches, self.image_k) if self.pool == "loda" else patches.mean(1)
+        return l2norm(pooled), patches, grid
+
+    def text_embedding(self, ids: torch.Tensor, mask: torch.Tensor, masked: bool = True) -> torch.Tensor:
+        """Unit text embeddings [N, E] of token ids / attention masks [N, L]. `masked`: the LoDA max runs over
+        the valid tokens only (evaluation, SimSeg's TopKPooling); False: over all positions, padding included
+        (training, VanillaTopKPooling: the author's answer in SimSeg issue #10)."""
+        states = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        if self.pool == "cls":
+            return l2norm(self.text_projection(states[:, 0]))
+        proj = self.text_projection(states)
+        if self.pool == "avg":
+            return l2norm(masked_mean(proj, mask))
+        return l2norm(topk_mean(proj, self.text_k, mask if masked else None))
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            if self.vocab.numel() == 0:
+                raise UserError("this SimSeg model has no vocabulary: set simseg.vocab to a BERT vocab.txt")
+            self._tokenizer = Tokenizer(bytes(self.vocab.cpu().numpy()), self.max_length)
+        return self._tokenizer
+
+    def encode_text(self, texts: list[str], masked: bool = True) -> torch.Tensor:
+        ids, mask = self.tokenizer(texts)
+        dev = self.temperature.device
+        return self.text_embedding(ids.to(dev), mask.to(dev), masked)
+
+    def tau(self) -> torch.Tensor:
+        return self.temperature.clamp(1e-3, 0.5)
+
+    # --- zero-shot segmentation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def class_embeddings(self) -> torch.Tensor:
+        """[K, E]: per class, the mean over the 80 ImageNet templates of the unit prompt embeddings, divided by
+        its norm (SimSeg's zero_shot_classifier); cached until the weights may change."""
+        if self._class_text is None:
+            from semiseg_cli.models.prompts import templates
+
+            rows = []
+            for name in self.class_names:
+                emb = self.encode_text([t.format(name) for t in templates("imagenet80")]).mean(0)
+                rows.append(emb / emb.norm())
+            self._class_text = torch.stack(rows)
+        return self._class_text
+
+    def train(self, mode: bool = True):
+        if mode:
+            self._class_text = None
+        return super().train(mode)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        vocab = state_dict.get(prefix + "vocab")
+        if vocab is not None and vocab.shape != self.vocab.shape:  # another vocabulary of the same size
+            self.vocab = torch.empty_like(vocab, device=self.vocab.device)
+        self._class_text, self._tokenizer = None, None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor, need_fp: bool = False) -> torch.Tensor:
+        if need_fp:  # `train` refuses the model (models.ZERO_SHOT): no segmentation method reaches this
+            raise UserError("model.name=simseg has no feature-perturbation stream")
+        return self.aggregate(x, {}, None)
+
+    def aggregate(self, x: torch.Tensor, ev: dict, labels=None) -> torch.Tensor:
+        """Zero-shot class maps [B, K, H, W] for ImageNet-normalised images x [B, 3, H, W] (see the module
+        docstring); their argmax is SimSeg's label."""
+        from semiseg_cli.data.transforms import denormalize
+
+        square = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False,
+                               antialias=True)  # = PIL's bilinear resize of the image before normalising
+        g, patches, (h, w) = self.image_embedding(square)
+        text = self.class_embeddings().to(g.dtype)
+        dense = F.normalize(patches, dim=-1) @ text.T                         # [B, hw, K] cosines
+        scores = g @ text.T                                                   # [B, K]
+        images = denormalize(square).clamp(0, 255).to(torch.uint8)           # the uint8 cast truncates, as SimSeg's
+        out = x.new_zeros((x.shape[0], len(self.class_names)) + tuple(x.shape[-2:]))
+        for i in range(x.shape[0]):
+            maps = dense[i].T.reshape(-1, 1, h, w)
+            for c in candidates(scores[i], self.zero_shot["top_m"], self.zero_shot["walk"], self.zero_shot["sigma"]):
+                mask = class_mask(maps[c], images[i], self.patch, self.zero_shot["crf"])
+                mask = F.interpolate(mask[None, None].float(), size=tuple(x.shape[-2:]), mode="nearest")[0, 0]
+                out[i, c] = mask * scores[i, c]
+        return out
+
+
+def candidates(scores: torch.Tensor, top_m: int, walk: int = 5, sigma: float = 1.0) -> list[int]:
+    """SimSeg's candidate classes of one image's scores [K]: the top `walk` in descending order, class 0
+    (background) skipped, stopping at the first below theta = mean + sigma * std (unbiased) of the top
+    min(top_m, K) scores."""
+    k = scores.numel()
+    top = scores.topk(min(top_m, k)).values
+    theta = top.mean() + sigma * (top.std() if top.numel() > 1 else 0.0)
+    order = scores.topk(min(walk, k)).indices.tolist()
+    out = []
+    for c in order:
+        if c == 0:
+            continue  # background never gets a mask (SimSeg also skips 255, which no class index can be here)
+        if scores[c] < theta:
+            break
+        out.append(c)
+    return out
+
+
+def class_mask(cos: torch.Tensor, image: torch.Tensor, patch: int, crf: bool = True) -> torch.Tensor:
+    """One candidate's binary mask [S, S] (bool) from its cosine map cos [1, h, w] and the uint8 square image
+    [3, S, S]: nearest x patch, min-max normalised, two-label dense CRF argmax (without `crf`: p > 0.5), one
+    7x7 closing (`cv2.dilate(m, k, 5)` puts 5 in `dst`: one iteration)."""
+    import cv2
+    import numpy as np
+
+    p = F.interpolate(cos[None].float(), scale_factor=patch, mode="nearest")[0, 0]
+    p = ((p - p.min()) / (p.max() - p.min()).clamp(min=1e-12)).cpu().numpy()  # a flat map: all 0 (SimSeg: NaN)
+    if crf:
+        from semiseg_cli.crf import dense_crf
+
+        img = image.permute(1, 2, 0).cpu().numpy()
+        fg = dense_crf(img, np.stack([1 - p, p]), **CRF).argmax(0)
+    else:
+        fg = p > 0.5
+    m = fg.astype(np.uint8) * 255
+    kernel = np.ones((7, 7), np.uint8)
+    m = cv2.erode(cv2.dilate(m, kernel), kernel)
+    return torch.from_numpy(m > 127)
+
+
+def build_simseg(cfg: dict) -> SimSeg:
+    """SimSeg from the `simseg` section and `model.backbone` (random weights: a converted SimSeg checkpoint,
+    `semiseg convert-weights simseg`, or a trained run's, is loaded into it by eval / infer / gen-pseudo). The
+    vocabulary: simseg.vocab (its size must be simseg.vocab_size), else a checkpoint's stored one replaces an
+    empty placeholder. Class names: model.class_text (a bundled list, e.g. simseg_voc21) or the dataset's."""
+    from semiseg_cli.models.semivl import load_class_text
+
+    m, s = cfg["model"], cfg["simseg"]
+    if m["weights"]:
+        raise UserError("model.weights does not apply to model.name=simseg: convert the released file into a "
+                        "checkpoint (`semiseg convert-weights simseg SRC DST --tokenizer DIR`) and pass --checkpoint DST")
+    vocab = b""
+    if s["vocab"]:
+        vocab = read_vocab(s["vocab"])
+        if len(vocab.decode("utf-8").splitlines()) != s["vocab_size"]:
+            raise UserError(f"{s['vocab']}: {len(vocab.decode('utf-8').splitlines())} tokens, but simseg.vocab_size is "
+                            f"{s['vocab_size']}; pass --set simseg.vocab_size={len(vocab.decode('utf-8').splitlines())}")
+    model = SimSeg(m["backbone"], vit_overrides(s), text_sizes(s), vocab, s["vocab_size"], s["image_size"],
+                   s["embed_dim"], s["pool"], s["image_k"], s["text_k"], s["temperature"], s["max_length"])
+    model.zero_shot = dict(top_m=s["top_m"], walk=s["walk"], sigma=s["sigma"], crf=s["crf"])
+    model.class_names = [n if isinstance(n, str) else n[0] for n in load_class_text(m["class_text"], cfg)]
+    return model
+
+
+def vit_overrides(s: dict) -> dict:
+    return {"depth": s["vit_depth"], "embed_dim": s["vit_width"], "num_heads": s["vit_heads"]}
+
+
+def text_sizes(s: dict) -> dict:
+    return {"layers": s["text_layers"], "width": s["text_width"], "heads": s["text_heads"], "mlp": s["text_mlp"]}
