@@ -219,6 +219,7 @@ def _checkpoint_origin(path: Path) -> str:
     "Examples:\n\n  semiseg eval --run runs/demo\n\n"
     "  semiseg eval --recipe maskclip-voc20 --set model.weights=weights/clip_vitb16.pt   (training-free: no checkpoint)\n\n"
     "  semiseg eval --checkpoint runs/demo/best.pt --mode slide --set eval.crop=512 --set eval.stride=426 --json\n\n"
+    "  semiseg eval --checkpoint weights/simseg-vit-b-voc.pt --retrieval data/f30k/valid.parquet --json   (SimSeg retrieval)\n\n"
     "  torchrun --nproc_per_node=4 -m semiseg_cli eval --checkpoint runs/voc92/best.pt   (images split over "
     "processes; under torchrun use --checkpoint: torchrun reads --run as its own --run-path)"))
 def eval_cmd(run: Optional[Path] = typer.Option(None, "--run", help="Run folder (uses best.pt, else last.pt)."),
@@ -228,7 +229,10 @@ def eval_cmd(run: Optional[Path] = typer.Option(None, "--run", help="Run folder 
                                                 help=f"{' | '.join(CHOICES['eval.mode'])} (overrides eval.mode)."),
              as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
              confusion_png: Optional[Path] = typer.Option(None, "--confusion", help="Also draw the confusion "
-                                                         "matrix, rows normalised, to this PNG file.")):
+                                                         "matrix, rows normalised, to this PNG file."),
+             retrieval: Optional[Path] = typer.Option(None, "--retrieval", help="Image-text retrieval instead "
+                                                      "(SimSeg): a parquet of imbytes, caption, image_id, id rows; "
+                                                      "prints I2T / T2I R@1/5/10 and RSUM.")):
     """Evaluate a checkpoint on the validation list: per-class IoU and accuracy, mIoU, mAcc, pixel accuracy
     (the JSON also holds the confusion matrix)."""
     from semiseg_cli.data.dataset import build_dataset
@@ -250,6 +254,23 @@ def eval_cmd(run: Optional[Path] = typer.Option(None, "--run", help="Run folder 
     else:
         cfg, model, path = _model_from_checkpoint(run, checkpoint, recipe, sets)
         origin = f"{path} ({_checkpoint_origin(path)})"
+    if retrieval is not None:
+        import torch
+
+        from semiseg_cli.engine.retrieval import evaluate_retrieval, read_pairs
+
+        if confusion_png is not None:
+            raise UserError("--confusion does not apply to --retrieval (no classes)")
+        if not hasattr(model, "encode_text"):
+            raise UserError(f"--retrieval needs an image-text model (model.name=simseg), not model.name="
+                            f"{cfg['model']['name']}")
+        pairs = read_pairs(retrieval)  # before the line below: a data error stays the only line
+        err.print(f"retrieval of {origin} on {retrieval}", markup=False)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        result = evaluate_retrieval(model.to(device), pairs, retrieval, cfg, device, progress=progress)
+        stdout.print(json.dumps(result, indent=2) if as_json else
+                     " ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+        return
     if confusion_png is not None:
         check_output_file(confusion_png, "--confusion")
     val = build_dataset(cfg, "val")  # before the line below: a data error stays the only line

@@ -144,6 +144,7 @@ RANGES: dict[str, tuple] = {
     "simseg.text_k": (1, INF, "[)"),
     "simseg.temperature": (1e-3, 0.5, "[]"),   # its clamp
     "simseg.image_size": (16, INF, "[)"),
+    "simseg.retrieval_resize": (16, INF, "[)"),
     "simseg.top_m": (1, INF, "[)"),
     "simseg.sigma": (0, INF, "[)"),            # theta = mean + sigma x std: 0 = the mean
     "simseg.walk": (1, INF, "[)"),

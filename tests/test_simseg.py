@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from semiseg_cli.models.simseg import (CRF, Tokenizer, candidates, class_mask, masked_mean, resize_pos_embed,
+from semiseg_cli.models.simseg import (CRF, candidates, class_mask, masked_mean, resize_pos_embed,
                                        topk_mean)
 from tests.conftest import run_cli
 
-transformers = pytest.importorskip("transformers")  # the `semiseg[simseg]` extra (installed by `.[test]`)
-import timm  # noqa: E402
+import timm
+import transformers  # the `semiseg[simseg]` extra (`.[test]` installs it)
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + (
     "a photo of the an cat dog bad itap my many tattoo in is there this one scene . , ' s background aeroplane "
@@ -248,6 +248,16 @@ def test_zero_shot_maps_follow_the_rule_on_a_real_image(tmp_path):
     for c in fired:
         values = maps[0, c].unique().tolist()
         assert len(values) == 2 and values[0] == 0 and values[1] == pytest.approx(float(scores[c]), abs=1e-6)
+    # each fired map is the CRF + closing mask of its cosine map on the de-normalised uint8 square, resized
+    square = F.interpolate(x, size=(288, 288), mode="bilinear", antialias=True)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    rgb = ((square[0] * std + mean) * 255).clamp(0, 255).to(torch.uint8)
+    with torch.no_grad():
+        _, patches, _ = model.image_embedding(square)
+    cos = (F.normalize(patches[0], dim=-1) @ model._class_text.T).T.reshape(21, 1, 18, 18)
+    for c in fired:
+        want = F.interpolate(class_mask(cos[c], rgb, 16)[None, None].float(), size=img.shape[:2], mode="nearest")[0, 0]
+        assert torch.equal(maps[0, c] != 0, want > 0)
     label = maps[0].argmax(0)
     both = (maps[0, 8] > 0) & (maps[0, 12] > 0)
     assert (label[both] == (8 if scores[8] >= scores[12] else 12)).all()  # the higher image score wins overlaps
@@ -276,3 +286,64 @@ def test_eval_and_infer_zero_shot_on_the_real_voc_samples(tmp_path, shared_data)
     bad = run_cli("train", "--recipe", "simseg-vit-s-voc", "--set", f"model.init_checkpoint={dst}", "--set",
                   f"dataset.root={root}", "--out", tmp_path / "run", check=2)
     assert "image-caption pairs" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_retrieval_metrics_equal_torchmetrics_hit_rate():
+    from torchmetrics.retrieval import RetrievalHitRate
+
+    from semiseg_cli.engine.retrieval import retrieval_metrics
+
+    g = torch.Generator().manual_seed(3)
+    image_ids = torch.tensor([4, 9, 2, 7, 5, 11])
+    text_ids = image_ids.repeat_interleave(3)[torch.randperm(18, generator=g)]  # 3 captions per image, shuffled
+    img = F.normalize(torch.randn(6, 16, generator=g), dim=-1)
+    owner = torch.tensor([int((image_ids == t).nonzero()) for t in text_ids])
+    txt = F.normalize(torch.randn(18, 16, generator=g) + 1.5 * img[owner], dim=-1)  # noisy copies of their image
+    got = retrieval_metrics(img, image_ids, txt, text_ids)
+    sim = img @ txt.T
+    for k in (1, 5, 10):
+        i2t = RetrievalHitRate(top_k=k)(sim.flatten(), (image_ids[:, None] == text_ids[None]).flatten(),
+                                        indexes=torch.arange(6).repeat_interleave(18))
+        t2i = RetrievalHitRate(top_k=k)(sim.T.flatten(), (text_ids[:, None] == image_ids[None]).flatten(),
+                                        indexes=torch.arange(18).repeat_interleave(6))
+        assert got[f"i2t_r{k}"] == pytest.approx(float(i2t) * 100, abs=1e-4)
+        assert got[f"t2i_r{k}"] == pytest.approx(float(t2i) * 100, abs=1e-4)
+    assert got["rsum"] == pytest.approx(sum(got[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)), abs=1e-3)
+    assert 0 < got["i2t_r1"] < 100 and got["t2i_r10"] == 100.0  # 6 images: every caption's image is in the top 10
+
+
+def test_eval_retrieval_on_a_parquet_of_real_images(tmp_path, shared_data):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from semiseg_cli.engine.retrieval import image_tensor
+
+    _, dst, _ = convert(tmp_path)
+    rows = []
+    for i, p in enumerate(sorted((shared_data / "voc_samples").glob("*_image.png"))[:4]):
+        buf = io.BytesIO()
+        Image.open(p).convert("RGB").save(buf, format="JPEG")
+        for j, cap in enumerate(("a photo of a cat.", "a dog in the scene")):
+            rows.append({"imbytes": buf.getvalue(), "caption": cap, "image_id": i, "id": 10 * i + j})
+    rows.append({"imbytes": b"", "caption": "dropped", "image_id": -1, "id": 99})  # image_id <= -1: dropped
+    path = tmp_path / "valid.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    proc = run_cli("eval", "--checkpoint", dst, "--retrieval", path, "--json", check=0)
+    out = json.loads(proc.stdout)
+    assert (out["images"], out["captions"]) == (4, 8)
+    assert all(0 <= out[f"{d}_r{k}"] <= 100 for d in ("i2t", "t2i") for k in (1, 5, 10))
+    assert out["i2t_r10"] == 100.0 and out["t2i_r5"] == 100.0  # 8 captions, 4 images
+    # the eval transform: square 324, centre crop 288
+    blob = rows[0]["imbytes"]
+    x = image_tensor(blob, 324, 288, "x")
+    im = Image.open(io.BytesIO(blob)).convert("RGB").resize((324, 324), Image.BILINEAR).crop((18, 18, 306, 306))
+    assert torch.equal(x, torch.from_numpy(np.array(im)).permute(2, 0, 1).float())
+    # bad files: one line, exit 2
+    pq.write_table(pa.Table.from_pylist([{"caption": "x", "image_id": 0}]), tmp_path / "bad.parquet")
+    bad = run_cli("eval", "--checkpoint", dst, "--retrieval", tmp_path / "bad.parquet", check=2)
+    assert "no column imbytes, id" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    bad = run_cli("eval", "--checkpoint", dst, "--retrieval", tmp_path / "missing.parquet", check=2)
+    assert "retrieval file not found" in bad.stderr

@@ -256,7 +256,7 @@ class SimSeg(nn.Module):
         text = self.class_embeddings().to(g.dtype)
         dense = F.normalize(patches, dim=-1) @ text.T                         # [B, hw, K] cosines
         scores = g @ text.T                                                   # [B, K]
-        images = denormalize(square).clamp(0, 255).to(torch.uint8)           # the uint8 cast truncates, as SimSeg's
+        images = (denormalize(square) * 255).clamp(0, 255).to(torch.uint8)   # the uint8 cast truncates, as SimSeg's
         out = x.new_zeros((x.shape[0], len(self.class_names)) + tuple(x.shape[-2:]))
         for i in range(x.shape[0]):
             maps = dense[i].T.reshape(-1, 1, h, w)
