@@ -347,3 +347,40 @@ def test_eval_retrieval_on_a_parquet_of_real_images(tmp_path, shared_data):
     assert "no column imbytes, id" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     bad = run_cli("eval", "--checkpoint", dst, "--retrieval", tmp_path / "missing.parquet", check=2)
     assert "retrieval file not found" in bad.stderr
+
+
+def test_prepare_coco_object_remaps_stuffthingmaps_and_eval_runs(tmp_path, shared_data):
+    from PIL import Image
+
+    from semiseg_cli.data.prepare import COCO_THING_IDS
+
+    src = tmp_path / "coco_stuff164k"
+    (src / "images" / "val2017").mkdir(parents=True)
+    (src / "annotations" / "val2017").mkdir(parents=True)
+    sample = sorted((shared_data / "voc_samples").glob("*_image.png"))[0]
+    img = Image.open(sample).convert("RGB")
+    w, h = img.size
+    raw = np.full((h, w), 255, np.uint8)            # unlabeled -> background
+    raw[: h // 4] = 0                                # person (COCO id 1) -> 1
+    raw[h // 4: h // 2] = 89                         # toothbrush (id 90) -> 80
+    raw[h // 2: 3 * h // 4] = 12                     # stop sign (id 13, after the gap at 12) -> 12
+    raw[3 * h // 4:, : w // 2] = 100                 # a stuff class -> background
+    for stem in ("000000000139", "000000000285"):
+        img.save(src / "images" / "val2017" / f"{stem}.jpg")
+        Image.fromarray(raw).save(src / "annotations" / "val2017" / f"{stem}.png")
+    Image.fromarray(raw).save(src / "annotations" / "val2017" / "000000000139_labelTrainIds.png")  # mmseg's: unread
+    root = tmp_path / "coco_object"
+    out = json.loads(run_cli("prepare-data", "coco_object", "--src", src, "--root", root, check=0).stdout)
+    assert out["files_missing"] == 0 and out["written"] == 5  # 2 images, 2 masks, the val list
+    mask = np.array(Image.open(root / "masks" / "val2017" / "000000000139.png"))
+    assert len(COCO_THING_IDS) == 80
+    assert mask[0, 0] == 1 and mask[h // 4, 0] == 80 and mask[h // 2, 0] == COCO_THING_IDS.index(13) + 1 == 12
+    assert mask[-1, 0] == 0 and mask[-1, -1] == 0
+    assert (root / "splits" / "val.txt").read_text().splitlines() == [
+        "images/val2017/000000000139.jpg masks/val2017/000000000139.png",
+        "images/val2017/000000000285.jpg masks/val2017/000000000285.png"]
+    again = json.loads(run_cli("prepare-data", "coco_object", "--src", src, "--root", root, check=0).stdout)
+    assert again["written"] == 0  # idempotent
+    _, dst, _ = convert(tmp_path, "--recipe", "simseg-vit-s-coco-object")
+    result = json.loads(run_cli("eval", "--checkpoint", dst, "--set", f"dataset.root={root}", "--json", check=0).stdout)
+    assert result["images"] == 2 and result["num_classes"] == 81 and result["class_names"][80] == "toothbrush"

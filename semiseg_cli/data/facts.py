@@ -70,6 +70,10 @@ DATASETS: dict[str, dict] = {
     "cocostuff171": {"classes": "cocostuff171", "palette": "voc", "reduce_zero_label": False,
                      "layout": "images/val2017/*.jpg, annotations/val2017/*_labelTrainIds.png (mmseg's COCO-Stuff "
                                "164k: 0..170, 255 = ignore), splits/val.txt"},
+    # SimSeg's COCO-Object zero-shot set (its `coco_stuff`, specs/simseg.md §2.5): 0 = background (stuff and
+    # unlabeled included, counted), 1..80 the COCO things; made by `prepare-data coco-object`
+    "coco_object": {"classes": "coco", "palette": "voc", "reduce_zero_label": False,
+                    "layout": "images/val2017/*.jpg, masks/val2017/*.png (81 classes, 0 = background), splits/val.txt"},
     "synthetic": {"classes": SYNTHETIC_CLASSES, "palette": "voc", "reduce_zero_label": False,
                   "layout": "images/*.png, masks/*.png (made by `semiseg prepare-data synthetic`)"},
     "folder": {"classes": None, "palette": "voc", "reduce_zero_label": False,

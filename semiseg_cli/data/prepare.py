@@ -421,6 +421,40 @@ def prepare_coco(src: Path, root: Path) -> Counts:
     return _tally(results)
 
 
+# COCO-Object (SimSeg's `coco_stuff` zero-shot set, GroupViT's protocol): the 80 COCO thing category ids; a
+# stuffthingmaps pixel holds id - 1, which becomes the thing's index 1..80; stuff (91..181) and unlabeled (255)
+# become background 0, so nothing is ignored (SimSeg tools/convert_datasets/coco_stuff164k.py)
+COCO_THING_IDS = [c for c in range(1, 91) if c not in {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}]
+COCO_OBJECT_LUT = np.zeros(256, np.uint8)
+COCO_OBJECT_LUT[[c - 1 for c in COCO_THING_IDS]] = np.arange(1, 81, dtype=np.uint8)
+
+
+def prepare_coco_object(src: Path, root: Path) -> Counts:
+    """COCO-Object val (81 classes: background + the 80 things) from COCO-Stuff 164k in mmseg's layout:
+    `images/val2017/*.jpg` linked, `annotations/val2017/*.png` (the raw stuffthingmaps) remapped with
+    `COCO_OBJECT_LUT` to `masks/val2017/<stem>.png`, and `splits/val.txt` (5,000 images). The `_labelTrainIds`
+    files of mmseg's 171-class converter are not read: their labels mean other classes."""
+    base = _find(src, ["", "coco_stuff164k"], "annotations")
+    if base is None or not (base / "annotations" / "val2017").is_dir() or not (base / "images" / "val2017").is_dir():
+        raise UserError(f"{src}: no images/val2017/ and annotations/val2017/ (COCO-Stuff 164k: val2017.zip into "
+                        "images/, stuffthingmaps_trainval2017.zip into annotations/)")
+    maps = sorted(p for p in (base / "annotations" / "val2017").glob("*.png") if "_labelTrainIds" not in p.name)
+    if not maps:
+        raise UserError(f"{base / 'annotations' / 'val2017'}: no stuffthingmaps PNG (extract "
+                        "stuffthingmaps_trainval2017.zip there)")
+    results, items = [], []
+    for m in progress(maps, desc="coco_object"):
+        image = base / "images" / "val2017" / f"{m.stem}.jpg"
+        if not image.is_file():
+            raise UserError(f"{image}: missing for its mask {m}; extract val2017.zip into {base / 'images'}")
+        rel_img, rel_mask = f"images/val2017/{image.name}", f"masks/val2017/{m.stem}.png"
+        results.append(_link(image, root / rel_img))
+        results.append(_convert(m, root / rel_mask, lambda p: COCO_OBJECT_LUT[_read_index_png(p)]))
+        items.append((rel_img, rel_mask))
+    results.append(_write_if_changed(root / "splits" / "val.txt", items))
+    return _tally(results)
+
+
 CONTEXT_MASKS = "SegmentationClassContext60"
 
 
@@ -552,6 +586,7 @@ CONVERTERS: dict[str, Callable] = {
     "ade20k": prepare_ade20k,
     "coco": prepare_coco,
     "coco-ood": prepare_coco_ood,
+    "coco_object": prepare_coco_object,
     "context": prepare_context,
     "camvid": prepare_camvid,
     "synthetic": prepare_synthetic,
