@@ -384,3 +384,113 @@ def test_prepare_coco_object_remaps_stuffthingmaps_and_eval_runs(tmp_path, share
     _, dst, _ = convert(tmp_path, "--recipe", "simseg-vit-s-coco-object")
     result = json.loads(run_cli("eval", "--checkpoint", dst, "--set", f"dataset.root={root}", "--json", check=0).stdout)
     assert result["images"] == 2 and result["num_classes"] == 81 and result["class_names"][80] == "toothbrush"
+
+
+def tiny_model(dropout: float = 0.0):
+    from semiseg_cli.config import load_config
+    from semiseg_cli.models import build_model
+
+    cfg = load_config("simseg-vit-s-voc", ["simseg.vit_depth=1", "simseg.vit_width=32", "simseg.vit_heads=1",
+                                           "simseg.text_layers=1", "simseg.text_width=32", "simseg.text_heads=1",
+                                           "simseg.text_mlp=64", "simseg.image_size=48", "simseg.embed_dim=16",
+                                           f"simseg.vocab_size={len(WORDS)}"])
+    torch.manual_seed(0)
+    model = build_model(cfg, load_weights=False)
+    for m in model.text_encoder.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = dropout
+    return model.train()
+
+
+def test_nce_loss_equals_open_clips_clip_loss():
+    import open_clip
+
+    from semiseg_cli.methods.simseg_loss import nce_loss
+
+    g = torch.Generator().manual_seed(4)
+    img, txt = F.normalize(torch.randn(6, 16, generator=g), dim=-1), F.normalize(torch.randn(6, 16, generator=g), dim=-1)
+    for tau in (0.02, 0.0001, 0.9):  # inside, below and above the clamp [1e-3, 0.5]
+        got, logs = nce_loss(img, txt, torch.tensor(tau))
+        want = open_clip.ClipLoss(local_loss=True, gather_with_grad=True)(img, txt, 1.0 / min(max(tau, 1e-3), 0.5))
+        assert float(got) == pytest.approx(float(want), rel=1e-6)  # float32 at logit scale 1000
+    assert 0 <= float(logs["i2t_acc"]) <= 1
+
+
+def test_gradient_cache_gives_the_full_batch_gradients_tau_included():
+    from semiseg_cli.methods.simseg_loss import cached_backward, nce_loss
+
+    model = tiny_model()
+    torch.manual_seed(5)
+    x = torch.randn(7, 3, 48, 48)
+    ids = torch.randint(5, len(WORDS), (7, 6))
+    mask = torch.ones(7, 6, dtype=torch.long)
+    mask[:, 4:] = 0
+    f, t = model(x, text=(ids, mask))
+    loss, _ = nce_loss(f, t, model.temperature)
+    loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    cached, _ = cached_backward(model, x, ids, mask, model.temperature, chunk=3)
+    assert float(cached) == pytest.approx(float(loss.detach()), abs=1e-6)
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(got) == set(want) and "temperature" in got and float(want["temperature"].abs()) > 0
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_gradient_cache_re_forwards_with_the_same_dropout():
+    from semiseg_cli.methods.simseg_loss import cached_backward
+
+    model = tiny_model(dropout=0.5)
+    seen = []
+    forward = model.forward
+
+    def spy(*a, **k):
+        out = forward(*a, **k)
+        seen.append(out[1].detach().clone())
+        return out
+
+    model.forward = spy
+    x, ids = torch.randn(4, 3, 48, 48), torch.randint(5, len(WORDS), (4, 6))
+    cached_backward(model, x, ids, torch.ones(4, 6, dtype=torch.long), model.temperature, chunk=2)
+    assert len(seen) == 4  # two cached chunks, then the same two re-forwarded
+    assert torch.equal(seen[0], seen[2]) and torch.equal(seen[1], seen[3]) and not torch.equal(seen[0], seen[1])
+
+
+def _two_process_worker(rank: int, store: str, out: str, data: dict) -> None:
+    import torch.distributed as dist
+    from types import SimpleNamespace
+
+    from semiseg_cli.methods.simseg_loss import cached_backward
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    model = tiny_model()
+    half = slice(4 * rank, 4 * rank + 4)
+    cached_backward(model, data["x"][half], data["ids"][half], data["mask"][half], model.temperature, chunk=3,
+                    env=SimpleNamespace(rank=rank, world=2))
+    grads = {}
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)  # what DDP does: the mean over processes
+            grads[n] = p.grad / 2
+    if rank == 0:
+        torch.save(grads, out)
+    dist.destroy_process_group()
+
+
+def test_two_gloo_processes_give_the_step_of_one_process_on_the_doubled_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    from semiseg_cli.methods.simseg_loss import cached_backward
+
+    torch.manual_seed(6)
+    data = {"x": torch.randn(8, 3, 48, 48), "ids": torch.randint(5, len(WORDS), (8, 6)),
+            "mask": torch.ones(8, 6, dtype=torch.long)}
+    mp.spawn(_two_process_worker, args=(str(tmp_path / "store"), str(tmp_path / "g.pt"), data), nprocs=2)
+    got = torch.load(tmp_path / "g.pt", weights_only=True)
+    model = tiny_model()
+    cached_backward(model, data["x"], data["ids"], data["mask"], model.temperature, chunk=5)
+    want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(got) == set(want)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], atol=1e-5, rtol=1e-4, msg=n)

@@ -240,7 +240,12 @@ class SimSeg(nn.Module):
         self._class_text, self._tokenizer = None, None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, x: torch.Tensor, need_fp: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, need_fp: bool = False, text: tuple | None = None):
+        """Zero-shot class maps of x; with `text` = (token ids, attention mask) [N, L] the unit embeddings
+        (image [N, E], text [N, E]) of the pairs instead, the text max over all positions in training mode
+        (SimSeg's VanillaTopKPooling) and over the valid ones in eval mode."""
+        if text is not None:
+            return self.image_embedding(x)[0], self.text_embedding(*text, masked=not self.training)
         if need_fp:  # `train` refuses the model (models.ZERO_SHOT): no segmentation method reaches this
             raise UserError("model.name=simseg has no feature-perturbation stream")
         return self.aggregate(x, {}, None)
