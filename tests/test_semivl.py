@@ -220,4 +220,6 @@ def test_semivl_trains_on_converted_clip_weights_with_text_from_their_text_tower
     for f in weights.parent.iterdir():
         f.rename(tmp_path / f.name)
     proc = run_cli("eval", "--run", tmp_path / "run", "--set", f"dataset.root={tiny_root}", "--json", check=0)
-    assert __import__("json").loads(proc.stdout)["miou"] == pytest.approx(ckpt["best_miou"], abs=1e-3)
+    # the same weights in another process (not channels_last, its own thread scheduling): convolutions round
+    # differently and a pixel or two may flip (measured: 8.0231 vs 8.0242 on this 6-image split)
+    assert __import__("json").loads(proc.stdout)["miou"] == pytest.approx(ckpt["best_miou"], abs=0.02)
