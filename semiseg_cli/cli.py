@@ -123,8 +123,11 @@ def prepare_data(
     summary = prepare(dataset, src, root or default_root(dataset), allow_partial=allow_partial, copy=copy)
     if captions:
         from semiseg_cli.data.captions import write_captions
+        from semiseg_cli.data.facts import SYNTHETIC_CLASSES
+        from semiseg_cli.models.prompts import templates
 
-        summary["captions"] = write_captions(Path(summary["root"]))
+        prompts = [t.format(n) for t in templates("imagenet80") for n in SYNTHETIC_CLASSES]  # SimSeg's zero-shot
+        summary["captions"] = write_captions(Path(summary["root"]), prompts)
     stdout.print(json.dumps(summary, indent=2))
 
 

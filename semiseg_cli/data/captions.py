@@ -105,15 +105,16 @@ def csv_text(rows: list[dict], columns: list[str]) -> str:
     return buf.getvalue()
 
 
-def write_captions(root: Path, seed: int = 0) -> dict:
+def write_captions(root: Path, prompts: list[str], seed: int = 0) -> dict:
     """Write `<root>/captions/` (module docstring) for a prepared synthetic root: its training images
     (splits/default labeled + unlabeled) and validation images (splits/val.txt), captioned from their masks.
     With pyarrow installed (`semiseg[simseg]`) also `valid.parquet`, SimSeg's retrieval layout (`imbytes`,
-    `caption`, `image_id`, `id`) of the validation images. Returns {"train", "val", "vocab", "parquet"}."""
+    `caption`, `image_id`, `id`) of the validation images. `prompts`: the zero-shot prompt texts the vocabulary
+    must also cover (the caller's: models/prompts.py sits above this module). Returns {"train", "val", "vocab",
+    "parquet"}."""
     from PIL import Image
 
     from semiseg_cli.data.splits import read_split
-    from semiseg_cli.models.prompts import templates
 
     splits = root / "splits"
     lists = {"train": read_split(splits / "default" / "labeled.txt") + read_split(splits / "default" / "unlabeled.txt"),
@@ -129,8 +130,7 @@ def write_captions(root: Path, seed: int = 0) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "train_anno.csv", csv_text(rows["train"], ["image", "caption"]))
     write_text_atomic(out / "val_anno.csv", csv_text(rows["val"], ["image", "caption", "image_id", "caption_id"]))
-    vocab = vocabulary([r["caption"] for split in rows.values() for r in split],
-                       [t.format(n) for t in templates("imagenet80") for n in SYNTHETIC_CLASSES])
+    vocab = vocabulary([r["caption"] for split in rows.values() for r in split], prompts)
     write_text_atomic(out / "vocab.txt", "\n".join(vocab) + "\n")
     parquet = False
     try:
