@@ -28,9 +28,23 @@ def test_a_caption_names_counts_and_places_the_visible_objects():
 
 
 def test_prepare_data_synthetic_with_captions(synthetic_root, tmp_path):
+    import shutil
+
     from semiseg_cli.engine.retrieval import read_pairs
     from semiseg_cli.models.prompts import templates
     from semiseg_cli.models.simseg import Tokenizer
+
+    # a copy of the session's synthetic root (images and masks linked), so its file set stays as generated
+    root = tmp_path / "synthetic"
+    root.mkdir()
+    for p in synthetic_root.iterdir():
+        if p.name in ("images", "masks"):
+            (root / p.name).symlink_to(p)
+        elif p.is_dir():
+            shutil.copytree(p, root / p.name)
+        else:
+            shutil.copy(p, root / p.name)
+    synthetic_root = root
 
     out = json.loads(run_cli("prepare-data", "synthetic", "--root", synthetic_root, "--captions", check=0).stdout)
     assert out["captions"]["train"] == 1016 and out["captions"]["val"] == 200 and out["captions"]["parquet"]
