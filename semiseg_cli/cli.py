@@ -267,8 +267,6 @@ def eval_cmd(run: Optional[Path] = typer.Option(None, "--run", help="Run folder 
         cfg, model, path = _model_from_checkpoint(run, checkpoint, recipe, sets)
         origin = f"{path} ({_checkpoint_origin(path)})"
     if retrieval is not None:
-        import torch
-
         from semiseg_cli.engine.retrieval import evaluate_retrieval, read_pairs
 
         if confusion_png is not None:
@@ -278,8 +276,11 @@ def eval_cmd(run: Optional[Path] = typer.Option(None, "--run", help="Run folder 
                             f"{cfg['model']['name']}")
         pairs = read_pairs(retrieval)  # before the line below: a data error stays the only line
         err.print(f"retrieval of {origin} on {retrieval}", markup=False)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        result = evaluate_retrieval(model.to(device), pairs, retrieval, cfg, device, progress=progress)
+        env = init_distributed()
+        try:
+            result = evaluate_retrieval(model.to(env.device), pairs, retrieval, cfg, env.device, progress=progress)
+        finally:
+            cleanup()
         stdout.print(json.dumps(result, indent=2) if as_json else
                      " ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
         return

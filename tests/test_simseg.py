@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from semiseg_cli.models.simseg import (CRF, candidates, class_mask, masked_mean, resize_pos_embed,
+from semiseg_cli.models.clip_vit import resize_pos_embed
+from semiseg_cli.models.simseg import (CRF, candidates, class_mask, masked_mean,
                                        topk_mean)
 from tests.conftest import run_cli
 
@@ -170,8 +171,8 @@ def test_loda_pooling_equals_a_per_channel_loop():
 
 def test_position_table_resize_keeps_cls_and_is_identity_on_its_grid():
     pe = torch.randn(1, 1 + 14 * 14, 8)
-    assert resize_pos_embed(pe, (14, 14)) is pe
-    out = resize_pos_embed(pe, (18, 18))
+    assert resize_pos_embed(pe, (14, 14), (14, 14)) is pe
+    out = resize_pos_embed(pe, (14, 14), (18, 18))
     assert out.shape == (1, 1 + 324, 8) and torch.equal(out[:, 0], pe[:, 0])
 
 

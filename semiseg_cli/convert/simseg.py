@@ -85,7 +85,8 @@ def convert(fmt: str, src: str, backbone: str | None = None, recipe: str | None 
             tokenizer: str | None = None) -> Converted:
     from semiseg_cli.config import load_config
     from semiseg_cli.models import build_model
-    from semiseg_cli.models.simseg import read_vocab, resize_pos_embed
+    from semiseg_cli.models.clip_vit import resize_pos_embed
+    from semiseg_cli.models.simseg import read_vocab, token_count
 
     if backbone is not None:
         raise UserError("--backbone does not apply to the simseg format (the architecture is read from the file)")
@@ -103,7 +104,7 @@ def convert(fmt: str, src: str, backbone: str | None = None, recipe: str | None 
         raise UserError(f"simseg converts SimSeg models; recipe {recipe} has model.name {cfg['model']['name']!r} "
                         "(use simseg-vit-s-voc or simseg-vit-b-voc)")
     vocab = read_vocab(tokenizer)
-    n_words = len(vocab.decode("utf-8").splitlines())
+    n_words = token_count(vocab)
     if n_words != arch["simseg.vocab_size"]:
         raise UserError(f"{tokenizer}: {n_words} tokens, but the checkpoint's BERT has {arch['simseg.vocab_size']}: "
                         "pass the tokenizer it was trained with (bert-base-uncased)")
@@ -126,7 +127,10 @@ def convert(fmt: str, src: str, backbone: str | None = None, recipe: str | None 
         if new is None:
             continue  # reported as unused by check_and_report
         if new == "image_encoder.pos_embed":
-            v = resize_pos_embed(v, (grid, grid))
+            g = round((v.shape[1] - 1) ** 0.5)  # a square grid + the CLS row
+            if v.dim() != 3 or g * g != v.shape[1] - 1:
+                raise UserError(f"{src}: {old} has shape {tuple(v.shape)}, not [1, 1 + g*g, width]")
+            v = resize_pos_embed(v, (g, g), (grid, grid))
         mapping.append((old, new))
         converted[new] = v.float()
     converted["vocab"] = torch.frombuffer(bytearray(vocab), dtype=torch.uint8).clone()

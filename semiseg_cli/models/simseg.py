@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from semiseg_cli.errors import UserError
+from semiseg_cli.models.clip_vit import resize_pos_embed  # SimSeg's interpolate_pos_embed: bicubic, CLS kept
 
 EPS = 1e-8  # SimSeg's L2norm: x / (|x| + 1e-8)
 BERT_MAX_POSITIONS = 512  # bert-base-uncased's position table
@@ -60,20 +61,6 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tens
     return (x * m).sum(1) / m.sum(1)
 
 
-def resize_pos_embed(pos: torch.Tensor, grid: tuple[int, int], prefix: int = 1) -> torch.Tensor:
-    """A ViT position table [1, prefix + g*g, C] bicubically resized (align_corners=False, no antialias) to
-    `grid`, the prefix (CLS) rows kept: SimSeg's interpolate_pos_embed."""
-    n = pos.shape[1] - prefix
-    g = int(round(n ** 0.5))
-    if g * g != n:
-        raise UserError(f"position embedding of {n} patch rows is not a square grid")
-    if (g, g) == tuple(grid):
-        return pos
-    tokens = pos[:, prefix:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
-    tokens = F.interpolate(tokens.float(), size=tuple(grid), mode="bicubic", align_corners=False)
-    return torch.cat([pos[:, :prefix], tokens.permute(0, 2, 3, 1).flatten(1, 2).to(pos.dtype)], 1)
-
-
 def transformers_module():
     try:
         import transformers
@@ -97,6 +84,11 @@ def read_vocab(path: str | Path) -> bytes:
     if missing:
         raise UserError(f"{p}: not a BERT vocabulary (no {', '.join(missing)} token)")
     return data
+
+
+def token_count(vocab: bytes) -> int:
+    """The number of tokens (lines) of a vocab.txt's bytes."""
+    return len(vocab.decode("utf-8").splitlines())
 
 
 class Tokenizer:
@@ -172,7 +164,8 @@ class SimSeg(nn.Module):
         v = self.image_encoder
         t = v.patch_embed(x)                                   # [B, h, w, D] (timm dynamic_img_size: NHWC)
         b, h, w, d = t.shape
-        pos = resize_pos_embed(v.pos_embed, (h, w))
+        g = v.patch_embed.grid_size                            # the stored table's grid (image_size / patch)
+        pos = resize_pos_embed(v.pos_embed, g, (h, w))
         t = torch.cat([v.cls_token.expand(b, -1, -1), t.reshape(b, h * w, d)], 1) + pos
         return v.norm(v.blocks(v.pos_drop(t))), (h, w)
 
@@ -209,9 +202,6 @@ class SimSeg(nn.Module):
         ids, mask = self.tokenizer(texts)
         dev = self.temperature.device
         return self.text_embedding(ids.to(dev), mask.to(dev), masked)
-
-    def tau(self) -> torch.Tensor:
-        return self.temperature.clamp(1e-3, 0.5)
 
     # --- zero-shot segmentation -------------------------------------------------------------------------
     @torch.no_grad()
@@ -326,9 +316,10 @@ def build_simseg(cfg: dict) -> SimSeg:
     vocab = b""
     if s["vocab"]:
         vocab = read_vocab(s["vocab"])
-        if len(vocab.decode("utf-8").splitlines()) != s["vocab_size"]:
-            raise UserError(f"{s['vocab']}: {len(vocab.decode('utf-8').splitlines())} tokens, but simseg.vocab_size is "
-                            f"{s['vocab_size']}; pass --set simseg.vocab_size={len(vocab.decode('utf-8').splitlines())}")
+        n = token_count(vocab)
+        if n != s["vocab_size"]:
+            raise UserError(f"{s['vocab']}: {n} tokens, but simseg.vocab_size is {s['vocab_size']}; "
+                            f"pass --set simseg.vocab_size={n}")
     model = SimSeg(m["backbone"], vit_overrides(s), text_sizes(s), vocab, s["vocab_size"], s["image_size"],
                    s["embed_dim"], s["pool"], s["image_k"], s["text_k"], s["temperature"], s["max_length"])
     model.zero_shot = dict(top_m=s["top_m"], walk=s["walk"], sigma=s["sigma"], crf=s["crf"])
