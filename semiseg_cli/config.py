@@ -27,13 +27,15 @@ from semiseg_cli.resources import resource_dir
 
 DEFAULTS = Path(__file__).parent / "defaults.yaml"
 
-# Types of keys whose default is null.
+# Types of keys whose default is null (or that may be set null, like simseg.vocab_size).
 NULLABLE = {
     "dataset.root": str, "dataset.num_classes": int, "dataset.ood_list": str, "dataset.ood_root": str, "model.weights": str, "model.init_checkpoint": str, "train.iters": int,
     "eval.crop": int, "eval.stride": int, "eval.resize_short": int, "model.class_text": str,
     "model.conv_encoder": str, "model.conv_encoder_weights": str, "ssl.guidance_text": str,
     "optim.bias_weight_decay": float, "eval.img_scale": list, "dataset.image_labels": str,
     "simseg.vit_depth": int, "simseg.vit_width": int, "simseg.vit_heads": int, "simseg.vocab": str,
+    "captions.path": str, "captions.image_column": str, "captions.chunk": int, "simseg.vit_patch": int,
+    "simseg.table_size": int, "simseg.text_weights": str, "simseg.vocab_size": int,  # vocab_size null: the vocabulary's line count
 }
 # The shape of list keys whose default is null (a value must look like this).
 NULLABLE_LIST_SHAPE = {"eval.img_scale": [2048, 512],
@@ -133,21 +135,27 @@ RANGES: dict[str, tuple] = {
     "simseg.vit_depth": (1, INF, "[)"),
     "simseg.vit_width": (1, INF, "[)"),
     "simseg.vit_heads": (1, INF, "[)"),
+    "simseg.vit_patch": (1, INF, "[)"),
     "simseg.vocab_size": (5, INF, "[)"),        # BERT's five special tokens at least
     "simseg.text_layers": (1, INF, "[)"),
     "simseg.text_width": (1, INF, "[)"),
     "simseg.text_heads": (1, INF, "[)"),
     "simseg.text_mlp": (1, INF, "[)"),
+    "simseg.text_dropout": (0, 1, "[)"),
     "simseg.max_length": (3, 512, "[]"),       # [CLS] + a word piece + [SEP]; BERT's 512 positions
     "simseg.embed_dim": (1, INF, "[)"),
     "simseg.image_k": (1, INF, "[)"),
     "simseg.text_k": (1, INF, "[)"),
     "simseg.temperature": (1e-3, 0.5, "[]"),   # its clamp
     "simseg.image_size": (16, INF, "[)"),
+    "simseg.table_size": (16, INF, "[)"),
     "simseg.retrieval_resize": (16, INF, "[)"),
     "simseg.top_m": (1, INF, "[)"),
     "simseg.sigma": (0, INF, "[)"),            # theta = mean + sigma x std: 0 = the mean
     "simseg.walk": (1, INF, "[)"),
+    "captions.augment_p": (0, 1, "[]"),
+    "captions.crop_scale": (0, 1, "(]"),      # and low <= high (ORDERED)
+    "captions.chunk": (1, INF, "[)"),
     "crf.iters": (0, INF, "[)"),
     "crf.gauss_sxy": (0, INF, "()"),
     "crf.gauss_compat": (0, INF, "[)"),
@@ -157,9 +165,9 @@ RANGES: dict[str, tuple] = {
 }
 # [low, high] list keys: also low <= high.
 # model.name -> the one method that trains it, and back (SLRNet's network has no FP stream for the SSL methods,
-# and its method needs its two-view network); models/__init__.py re-exports it
-OWN_METHOD = {"slrnet": "slrnet"}
-ORDERED = {"train.scale_range", "slrnet.crop_scale"}
+# and its method needs its two-view network; SimSeg learns from image-caption pairs); models/__init__.py re-exports it
+OWN_METHOD = {"slrnet": "slrnet", "simseg": "simseg"}
+ORDERED = {"train.scale_range", "slrnet.crop_scale", "captions.crop_scale"}
 
 
 class _Loader(yaml.SafeLoader):
@@ -246,7 +254,7 @@ def _coerce(key: str, value: Any, default: Any, where: str) -> Any:
     """Check `value` against the type of `default` (or NULLABLE[key]); return the converted value."""
     want = NULLABLE.get(key) if default is None else type(default)
     if value is None:
-        if default is None:
+        if default is None or key in NULLABLE:  # a key with a default that may still be null
             return None
         raise UserError(f"{where}: {key} cannot be null (default {default!r})")
     if key in OPEN:
@@ -424,6 +432,12 @@ def resolve(cfg: dict) -> dict:
         ds["num_classes"] = n
     elif ds["num_classes"] != n:
         raise UserError(f"dataset.num_classes = {ds['num_classes']} but {ds['name']} has {n} classes")
+    s = cfg["simseg"]
+    if s["vocab_size"] is None and s["vocab"]:  # filled in from the vocabulary, as num_classes from the class list
+        vocab = Path(s["vocab"]).expanduser()
+        vocab = vocab / "vocab.txt" if vocab.is_dir() else vocab
+        if vocab.is_file():  # else the model's builder names the missing file
+            s["vocab_size"] = len(vocab.read_bytes().decode("utf-8", errors="replace").splitlines())
     return cfg  # (train.global_batch >= 1 and train.crop_size >= 16 are in RANGES)
 
 
@@ -433,7 +447,8 @@ def dump(cfg: dict) -> str:
 
 # config keys holding file or folder paths: a run stores them absolute (see absolute_paths)
 PATH_KEYS = ("dataset.root", "dataset.ood_list", "dataset.ood_root", "model.weights", "model.conv_encoder_weights",
-             "model.init_checkpoint")
+             "model.init_checkpoint", "simseg.vocab", "simseg.text_weights",
+             "captions.path")
 
 
 def absolute_paths(cfg: dict) -> dict:

@@ -32,7 +32,7 @@ def test_prepare_data_synthetic_with_captions(synthetic_root, tmp_path):
 
     from semiseg_cli.engine.retrieval import read_pairs
     from semiseg_cli.models.prompts import templates
-    from semiseg_cli.models.simseg import Tokenizer
+    from semiseg_cli.data.text import Tokenizer
 
     # a copy of the session's synthetic root (images and masks linked), so its file set stays as generated
     root = tmp_path / "synthetic"
@@ -63,6 +63,12 @@ def test_prepare_data_synthetic_with_captions(synthetic_root, tmp_path):
     texts = [r["caption"] for r in rows] + [t.format(n) for t in templates("imagenet80") for n in SYNTHETIC_CLASSES]
     ids, _ = tok(texts)
     assert not (ids == tok.vocab["[UNK]"]).any()
+    # the same training pairs as webdataset tar shards
+    from semiseg_cli.data.pairs import TarPairs
+
+    assert out["captions"]["shards"] == 4 and len(list((cap / "shards").glob("train-*.tar"))) == 4
+    shards = TarPairs(cap / "shards", "caption")
+    assert len(shards) == 1016 and [shards.get(i)[1] for i in (0, 500, 1015)] == [rows[i]["caption"] for i in (0, 500, 1015)]
     pairs = read_pairs(cap / "valid.parquet")
     assert len(pairs["images"]) == 200 and len(pairs["captions"]) == 200
     # a second run writes the same files; --captions is synthetic's only

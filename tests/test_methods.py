@@ -29,8 +29,9 @@ def method_state(method, cfg, model, tmp_path):
     return None
 
 
-# SemiVL needs its own model and guidance state: tests/test_semivl.py; SLRNet its own model: tests/test_slrnet.py
-@pytest.mark.parametrize("method,extra", [(m, []) for m in METHODS if m not in ("semivl", "slrnet")] + [("s4mc", ["ssl.s4mc_base=unimatch"])])
+# SemiVL needs its own model and guidance state: tests/test_semivl.py; SLRNet its own model: tests/test_slrnet.py;
+# SimSeg its model and caption pairs: tests/test_simseg_train.py
+@pytest.mark.parametrize("method,extra", [(m, []) for m in METHODS if m not in ("semivl", "slrnet", "simseg")] + [("s4mc", ["ssl.s4mc_base=unimatch"])])
 def test_two_train_steps_give_finite_losses_and_gradients(method, extra, tmp_path):
     torch.manual_seed(0)
     # tau 0: every pixel contributes

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from semiseg_cli.config import load_config
-from semiseg_cli.models import MODELS, ZERO_SHOT, build_model
+from semiseg_cli.models import MODELS, build_model
 from semiseg_cli.models.maskclip import MaskCLIP, dense_logits, labels
 
 # model.name -> overrides giving a model that runs in a second on a CPU
@@ -21,7 +21,7 @@ TINY_MODELS = {
     "smp": ["model.backbone=resnet10t", "model.arch=FPN"],
     "maskclip": ["model.backbone=clip-vit-tiny"],
     "slrnet": ["method=slrnet", "model.backbone=resnet18", "model.head_channels=16"],
-    "simseg": ["model.backbone=vit_small_patch16_224", "simseg.vit_depth=1", "simseg.vit_width=32",
+    "simseg": ["method=simseg", "model.backbone=vit_small_patch16_224", "simseg.vit_depth=1", "simseg.vit_width=32",
                "simseg.vit_heads=1", "simseg.text_layers=1", "simseg.text_width=32", "simseg.text_heads=1",
                "simseg.text_mlp=64", f"simseg.vocab={VOCAB}", "simseg.vocab_size=8", "simseg.image_size=48"],
 }
@@ -48,11 +48,11 @@ def test_logits_at_the_input_size_and_deterministic_in_eval_mode(name):
     assert a.shape == (2, cfg["dataset"]["num_classes"], 40, 56) and torch.isfinite(a).all()
     assert torch.equal(a, b)
     trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
-    if name not in ZERO_SHOT:  # trained by no segmentation method: no LR groups
+    if name != "simseg":  # SimSeg: every parameter at the base LR (lr_mult's default 1 for any child)
         assert trainable <= set(cfg["optim"]["lr_mult"]), "trainable children must be optim.lr_mult groups"
     from semiseg_cli.models import OWN_METHOD
 
-    if trainable and name not in OWN_METHOD and name not in ZERO_SHOT:  # the SSL methods' models: an FP stream too
+    if trainable and name not in OWN_METHOD:  # the SSL methods' models: an FP stream too
         model.train()
         clean, fp = model(x, need_fp=True)
         assert clean.shape == fp.shape == a.shape

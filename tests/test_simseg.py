@@ -283,10 +283,13 @@ def test_eval_and_infer_zero_shot_on_the_real_voc_samples(tmp_path, shared_data)
     out = tmp_path / "pred"
     proc = run_cli("infer", "--checkpoint", dst, "--images", root / f"{stems[0]}_image.png", "--out", out, check=0)
     assert json.loads(proc.stdout)["written"] == 1
-    # a segmentation method refuses to train it, in one line (it learns from captions)
+    # it trains on image-caption pairs only (method simseg): without them, one line saying what to set
+    arch = torch.load(dst, weights_only=True)["config"]
+    sets = [f"model.backbone={arch['model']['backbone']}"] + [f"simseg.{k}={v}" for k, v in arch["simseg"].items()
+                                                             if k.startswith(("vit_", "text_", "vocab_size")) and v is not None]
     bad = run_cli("train", "--recipe", "simseg-vit-s-voc", "--set", f"model.init_checkpoint={dst}", "--set",
-                  f"dataset.root={root}", "--out", tmp_path / "run", check=2)
-    assert "image-caption pairs" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+                  f"dataset.root={root}", *[a for x in sets for a in ("--set", x)], "--out", tmp_path / "run", check=2)
+    assert "image-caption pairs: set captions.path" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
 def test_retrieval_metrics_equal_torchmetrics_hit_rate():

@@ -28,6 +28,8 @@ FORMATS: dict[str, str] = {
     "wideresnet38": "semiseg_cli.convert.wideresnet38",
     "slrnet": "semiseg_cli.convert.slrnet",
     "simseg": "semiseg_cli.convert.simseg",
+    "timm-vit": "semiseg_cli.convert.simseg_init",
+    "bert": "semiseg_cli.convert.simseg_init",
 }
 # option -> (its flag, the formats that take it): --model-name, the open_clip config giving the activation;
 # --recipe / --set, the recipe a trained checkpoint was trained with; --tokenizer, SimSeg's BERT vocabulary

@@ -86,7 +86,7 @@ def convert(fmt: str, src: str, backbone: str | None = None, recipe: str | None 
     from semiseg_cli.config import load_config
     from semiseg_cli.models import build_model
     from semiseg_cli.models.clip_vit import resize_pos_embed
-    from semiseg_cli.models.simseg import read_vocab, token_count
+    from semiseg_cli.data.text import read_vocab, token_count
 
     if backbone is not None:
         raise UserError("--backbone does not apply to the simseg format (the architecture is read from the file)")

@@ -13,12 +13,14 @@ Layout under `<root>/captions/`:
     train_anno.csv   ZeroVL's layout: `image,caption` (image relative to the root), one row per training image
     val_anno.csv     the validation images, the same columns plus `image_id` and `caption_id`
     valid.parquet    the validation pairs in SimSeg's retrieval layout (with pyarrow: `eval --retrieval`)
+    shards/train-00000.tar ...  the training pairs as webdataset tar shards (`<id>.png`, `<id>.txt`), SHARDS of them
     vocab.txt        a BERT WordPiece vocabulary of every word the captions and the zero-shot prompts use
 """
 from __future__ import annotations
 
 import csv
 import io
+import tarfile
 from pathlib import Path
 
 import cv2
@@ -34,6 +36,7 @@ PLURAL = {"cross": "crosses"}
 ROWS, COLS = ("top", "middle", "bottom"), ("left", "centre", "right")
 OPENINGS = ("a photo of", "a picture of", "an image with", "there are", "this shows")
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+SHARDS = 4
 
 
 def objects(mask: np.ndarray) -> list[tuple[int, float, float]]:
@@ -105,13 +108,36 @@ def csv_text(rows: list[dict], columns: list[str]) -> str:
     return buf.getvalue()
 
 
+def write_shards(root: Path, rows: list[dict], folder: Path, shards: int = SHARDS) -> list[Path]:
+    """`rows` as webdataset tar shards `train-00000.tar` ... (`<id>.png` + `<id>.txt` per pair, rows split in
+    contiguous runs), each written atomically."""
+    from semiseg_cli.io import temp_path
+
+    folder.mkdir(parents=True, exist_ok=True)
+    per = -(-len(rows) // shards)
+    paths = []
+    for k in range(shards):
+        path = folder / f"train-{k:05d}.tar"
+        tmp = temp_path(path)
+        with tarfile.open(tmp, "w") as tar:
+            for r in rows[k * per:(k + 1) * per]:
+                stem = Path(r["image"]).stem
+                for name, data in ((f"{stem}.png", (root / r["image"]).read_bytes()), (f"{stem}.txt", r["caption"].encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        tmp.replace(path)
+        paths.append(path)
+    return paths
+
+
 def write_captions(root: Path, prompts: list[str], seed: int = 0) -> dict:
     """Write `<root>/captions/` (module docstring) for a prepared synthetic root: its training images
     (splits/default labeled + unlabeled) and validation images (splits/val.txt), captioned from their masks.
     With pyarrow installed (`semiseg[simseg]`) also `valid.parquet`, SimSeg's retrieval layout (`imbytes`,
     `caption`, `image_id`, `id`) of the validation images. `prompts`: the zero-shot prompt texts the vocabulary
     must also cover (the caller's: models/prompts.py sits above this module). Returns {"train", "val", "vocab",
-    "parquet"}."""
+    "parquet", "shards"}."""
     from PIL import Image
 
     from semiseg_cli.data.splits import read_split
@@ -130,6 +156,7 @@ def write_captions(root: Path, prompts: list[str], seed: int = 0) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "train_anno.csv", csv_text(rows["train"], ["image", "caption"]))
     write_text_atomic(out / "val_anno.csv", csv_text(rows["val"], ["image", "caption", "image_id", "caption_id"]))
+    write_shards(root, rows["train"], out / "shards")
     vocab = vocabulary([r["caption"] for split in rows.values() for r in split], prompts)
     write_text_atomic(out / "vocab.txt", "\n".join(vocab) + "\n")
     parquet = False
@@ -147,4 +174,5 @@ def write_captions(root: Path, prompts: list[str], seed: int = 0) -> dict:
         pq.write_table(table, tmp)
         tmp.replace(out / "valid.parquet")
         parquet = True
-    return {"train": len(rows["train"]), "val": len(rows["val"]), "vocab": len(vocab), "parquet": parquet}
+    return {"train": len(rows["train"]), "val": len(rows["val"]), "vocab": len(vocab), "parquet": parquet,
+            "shards": SHARDS}

@@ -27,7 +27,7 @@ from semiseg_cli.data.streams import STREAMS
 from semiseg_cli.errors import UserError
 
 DEFAULT_SAMPLE = {"labeled": "train_l", "unlabeled": "train_u", "val": "val", "ood": "train_u_ood",
-                  "tagged": "train_tagged"}
+                  "tagged": "train_tagged", "captions": "train_caption"}
 
 
 class SegDataset(Dataset):
@@ -226,7 +226,12 @@ def tagged_items(cfg: dict) -> tuple[list, list | None]:
     return unlabeled + labeled * n, [False] * len(unlabeled) + [True] * (len(labeled) * n)
 
 
-def build_stream(cfg: dict, name: str) -> SegDataset:
-    """The dataset of training stream `name` (data/streams.py STREAMS)."""
+def build_stream(cfg: dict, name: str):
+    """The dataset of training stream `name` (data/streams.py STREAMS): a SegDataset, or for the image-caption
+    pairs a data/pairs.py CaptionDataset."""
     stream = STREAMS[name]
+    if stream.list == "captions":
+        from semiseg_cli.data.pairs import build_caption_dataset
+
+        return build_caption_dataset(cfg, stream.seed_offset)
     return build_dataset(cfg, stream.list, stream.sample, stream.seed_offset)

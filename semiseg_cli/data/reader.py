@@ -48,17 +48,18 @@ def _to_rgb(im: Image.Image, path) -> Image.Image:
     return im.convert("RGB")
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image as RGB (16-bit and float images scaled, see `_to_rgb`); a missing, corrupt or oversized
-    file is a UserError naming it."""
+def load_image(path, where: str | None = None) -> Image.Image:
+    """Open an image (a path, or a file object such as BytesIO with `where` naming it) as RGB (16-bit and float
+    images scaled, see `_to_rgb`); a missing, corrupt or oversized file is a UserError naming it."""
+    where = path if where is None else where
     try:
         with Image.open(path) as im:
-            check_pixels(im, path)
-            return _to_rgb(im, path)
+            check_pixels(im, where)
+            return _to_rgb(im, where)
     except FileNotFoundError:
-        raise UserError(f"{path}: image not found; check dataset.root and the split list") from None
+        raise UserError(f"{where}: image not found; check dataset.root and the split list") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"{path}: cannot decode image ({e}); replace or remove the file") from None
+        raise UserError(f"{where}: cannot decode image ({e}); replace or remove the file") from None
 
 
 def load_mask(path: str | Path, size: tuple[int, int], num_classes: int, reduce_zero_label: bool = False) -> np.ndarray:

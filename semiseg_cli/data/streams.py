@@ -18,6 +18,7 @@ Tensor legend (UniMatch's names, used throughout the project):
     t, t_y  an image with image-level labels (SLRNet) and its mask (all 255 unless it is pixel-labelled)
     cls   its image-level labels [B, K - 1] (multi-hot, class c at c - 1)
     has_mask  whether t_y is a pixel label (SLRNet's semi variants)
+    c, c_ids, c_mask  an image of an image-caption pair, its caption's token ids and attention mask (SimSeg)
 
 Epochs and visiting rules (`stream_index`): the epoch is the length of the first stream that defines it
 (the unlabeled list for the SSL methods, the labeled list for supervised training). Every stream gets the
@@ -42,6 +43,7 @@ SAMPLE_KINDS: dict[str, tuple[str, ...]] = {
     "val": ("image", "label", "index"),
     "train_u_ood": ("image", "label", "image", "image", "ignore"),
     "train_tagged": ("image", "label", "classes", "flag"),
+    "train_caption": ("image", "tokens", "tokens"),
 }
 
 
@@ -50,7 +52,8 @@ class Stream:
     """One training stream.
 
     list: the split list it reads: "labeled" | "unlabeled" | "val" of the configured dataset split, "ood"
-        (dataset.ood_list under dataset.ood_root) or "tagged" (SLRNet's: data/dataset.py `tagged_items`).
+        (dataset.ood_list under dataset.ood_root), "tagged" (SLRNet's: data/dataset.py `tagged_items`) or
+        "captions" (image-caption pairs, captions.path: data/pairs.py).
     sample: the sample function (a key of SAMPLE_KINDS / data.dataset.SAMPLES).
     keys: the batch names of the sample's tensors, in order.
     seed_offset: added to train.seed for its augmentation (0 = the same draws as another stream).
@@ -77,6 +80,8 @@ STREAMS: dict[str, Stream] = {
     "ood": Stream("ood", "train_u_ood", ("o_w", "o_y", "o_s1", "o_s2", "o_ign"), seed_offset=7),
     # SLRNet's images with their image-level labels (and, in its semi variants, pixel labels)
     "tagged": Stream("tagged", "train_tagged", ("t", "t_y", "cls", "has_mask"), defines_epoch=True),
+    # SimSeg's image-caption pairs (data/pairs.py)
+    "captions": Stream("captions", "train_caption", ("c", "c_ids", "c_mask"), defines_epoch=True),
 }
 
 
@@ -86,7 +91,7 @@ def independent_order(cfg: dict, name: str) -> bool:
 
 
 def key_kinds(names) -> dict[str, str]:
-    """batch key -> "image" | "label" | "ignore" | "box" | "classes" | "flag" for the streams `names`."""
+    """batch key -> "image" | "label" | "ignore" | "box" | "classes" | "flag" | "tokens" for the streams `names`."""
     return {k: kind for n in names for k, kind in zip(STREAMS[n].keys, SAMPLE_KINDS[STREAMS[n].sample])}
 
 
@@ -130,6 +135,11 @@ def fake_batch(names=tuple(STREAMS), n: int = 2, size: int = 32, num_classes: in
             t = (torch.rand(n, num_classes - 1, generator=g) < 0.4).float()
         elif kind == "flag":
             t = torch.arange(n) % 2 == 0
+        elif kind == "tokens":  # [CLS] w w ... [SEP] [PAD]...: ids 5..num_classes + 4 (a vocabulary's words)
+            t = torch.zeros(n, 8, dtype=torch.long)
+            t[:, :6] = torch.randint(5, num_classes + 5, (n, 6), generator=g)
+            t[:, 0], t[:, 5] = 2, 3
+            t = (t > 0).long() if key.endswith("_mask") else t
         elif kind == "box":
             t = torch.zeros(n, size, size)
             t[:, size // 8: size * 5 // 8, size // 4: size * 3 // 4] = 1

@@ -88,11 +88,11 @@ def crop(img: Image.Image, mask: Image.Image, size: int, rng: random.Random, mas
     return img.crop((x, y, x + size, y + size)), mask.crop((x, y, x + size, y + size))
 
 
-def random_resized_crop(img: Image.Image, mask: Image.Image, size: int, rng: random.Random, scale=(0.9, 1.0),
+def random_resized_crop(img: Image.Image, mask: Image.Image | None, size: int, rng: random.Random, scale=(0.9, 1.0),
                         ratio=(3 / 4, 4 / 3)):
     """torchvision RandomResizedCrop (its `get_params`: 10 tries of an area fraction in `scale` and a log-uniform
     aspect ratio, else the central crop of the clamped ratio) to size x size: bicubic for the image, nearest for
-    the mask (SLRNet's MaskRandResizedCrop)."""
+    the mask (SLRNet's MaskRandResizedCrop); mask None: the image alone (SimSeg's crop)."""
     w, h = img.size
     area = w * h
     for _ in range(10):
@@ -112,7 +112,28 @@ def random_resized_crop(img: Image.Image, mask: Image.Image, size: int, rng: ran
             cw, ch = w, h
         y, x = (h - ch) // 2, (w - cw) // 2
     box = (x, y, x + cw, y + ch)
-    return (img.resize((size, size), Image.BICUBIC, box=box), mask.resize((size, size), Image.NEAREST, box=box))
+    img = img.resize((size, size), Image.BICUBIC, box=box)
+    return img if mask is None else (img, mask.resize((size, size), Image.NEAREST, box=box))
+
+
+def autoaugment(img: Image.Image, rng: random.Random) -> Image.Image:
+    """torchvision's AutoAugment with the ImageNet policy (SimSeg's `autoaug`, its PIL ImageNetPolicy), its
+    draws (sub-policy, the two operations' probabilities and signs) taken from the sample's `rng` instead of
+    torch's global generator, so that a sample's augmentation does not depend on the worker that makes it.
+    The policy table, magnitudes and operations are torchvision's own (AutoAugment.forward's steps)."""
+    from torchvision.transforms import AutoAugment, AutoAugmentPolicy, InterpolationMode
+    from torchvision.transforms.autoaugment import _apply_op
+
+    aa = AutoAugment(AutoAugmentPolicy.IMAGENET)
+    space = aa._augmentation_space(10, (img.height, img.width))
+    for op, p, level in aa.policies[rng.randrange(len(aa.policies))]:
+        if rng.random() <= p:
+            magnitudes, signed = space[op]
+            magnitude = float(magnitudes[level]) if level is not None else 0.0
+            if signed and rng.random() < 0.5:
+                magnitude = -magnitude
+            img = _apply_op(img, op, magnitude, interpolation=InterpolationMode.NEAREST, fill=None)
+    return img
 
 
 def hflip(img: Image.Image, mask: Image.Image, rng: random.Random, p: float = 0.5):

@@ -1,7 +1,7 @@
 """Optimisers, parameter groups and LR schedules, each looked up by name in one table.
 
 Parameter groups: one per top-level child module of the model (the model contract names them, e.g.
-`backbone`, `head`), with LR = optim.lr x optim.lr_mult[child] (default 1). When optim.bias_lr_factor is not
+`backbone`, `head`; a parameter held by the model itself, SimSeg's temperature, is one of its own name), with LR = optim.lr x optim.lr_mult[child] (default 1). When optim.bias_lr_factor is not
 1 or optim.bias_weight_decay is set, each child's biases get a group of their own with LR x that factor and
 that weight decay (SLRNet: backbone x1 / biases x2, new layers x10 / biases x20, bias weight decay 0).
 Frozen parameters are left out.
@@ -64,9 +64,12 @@ def param_groups(cfg: dict, model: nn.Module) -> list[dict]:
     o = cfg["optim"]
     split_bias = o["bias_lr_factor"] != 1.0 or o["bias_weight_decay"] is not None
     groups = []
-    for name, child in model.named_children():
+    # a parameter of the model itself (SimSeg's temperature) counts as a child of its own name
+    children = list(model.named_children()) + [(n, p) for n, p in model.named_parameters(recurse=False)]
+    for name, child in children:
         mult = o["lr_mult"].get(name, 1.0)
-        params = [(n, p) for n, p in child.named_parameters() if p.requires_grad]
+        pairs = child.named_parameters() if isinstance(child, nn.Module) else [("", child)]
+        params = [(n, p) for n, p in pairs if p.requires_grad]
         biases = [p for n, p in params if split_bias and n.endswith("bias")]
         weights = [p for n, p in params if not (split_bias and n.endswith("bias"))]
         if weights:

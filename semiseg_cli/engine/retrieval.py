@@ -25,20 +25,12 @@ COLUMNS = ("imbytes", "caption", "image_id", "id")
 def read_pairs(path: str | Path) -> dict:
     """{"images": {image_id: bytes} (first row of each id), "captions": [str], "caption_image": [image_id]}
     from a retrieval parquet; a missing column or file is one UserError naming it."""
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise UserError("retrieval evaluation reads parquet files with pyarrow: pip install 'semiseg[simseg]'") from None
+    from semiseg_cli.data.pairs import open_parquet
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: retrieval file not found")
-    try:
-        table = pq.read_table(path)
-    except Exception as e:  # pyarrow raises its own ArrowInvalid / OSError family
-        raise UserError(f"{path}: not a readable parquet file ({str(e).splitlines()[0][:160]})") from None
-    missing = [c for c in COLUMNS if c not in table.column_names]
-    if missing:
-        raise UserError(f"{path}: no column {', '.join(missing)} (a retrieval parquet has {', '.join(COLUMNS)})")
+    table = open_parquet(path, COLUMNS, f"a retrieval parquet has {', '.join(COLUMNS)}")
     ids, captions, blobs = (table.column(c).to_pylist() for c in ("image_id", "caption", "imbytes"))
     images, caps, owners = {}, [], []
     for i, cap, blob in zip(ids, captions, blobs):

@@ -51,7 +51,7 @@ from semiseg_cli.errors import (Interrupted, UserError, check_output_dir, expect
                                  writing)
 from semiseg_cli.io import leftover_temps, save_atomic, state_checksum, write_text_atomic
 from semiseg_cli.methods import METHODS
-from semiseg_cli.models import ZERO_SHOT, build_model
+from semiseg_cli.models import build_model
 from semiseg_cli.plot import write_results_csv
 
 __all__ = ["train", "StepContext", "RunSampler", "build_optimizer", "load_method"]
@@ -66,6 +66,7 @@ class StepContext:
     env: DistEnv
     state: object = None  # what the method's optional make_state() built (PrevMatch's pool, S4MC's E_c)
     epoch: int = 0
+    scale: object = None  # the GradScaler's scale, for a method that backpropagates itself (OWN_BACKWARD)
 
 
 def load_method(name: str):
@@ -126,6 +127,19 @@ class RunSampler(torch.utils.data.Sampler):
                 yield (e, p) if self.items is None else (e, p, stream_index(e, p, self.epoch_len, self.items,
                                                                                self.stream_seed, self.own_order))
             it += n
+
+
+def stream_sampler(ds, name: str, cfg: dict, env: DistEnv, per_gpu: int, iters_per_epoch: int, start: int, total: int,
+                   epoch_len: int) -> RunSampler:
+    """The sampler of stream `name`'s dataset: the run's shared positions, each process taking its share; a
+    dataset that already is this process's share (tar shards under torchrun: `per_process`) is sampled alone
+    over its own items, its epoch being the smallest process's share."""
+    seed = cfg["train"]["seed"]
+    if getattr(ds, "per_process", False):
+        return RunSampler(epoch_len // env.world, seed, DistEnv(device=env.device), per_gpu, iters_per_epoch, start,
+                          total, items=ds.local, stream_seed=ds.seed)
+    return RunSampler(epoch_len, seed, env, per_gpu, iters_per_epoch, start, total, items=len(ds), stream_seed=ds.seed,
+                      own_order=independent_order(cfg, name))
 
 
 def git_sha() -> str | None:
@@ -429,10 +443,6 @@ def _setup(cfg: dict, out: Path, resume: bool, env: DistEnv) -> Run | None:
     method = load_method(cfg["method"])
     per_gpu = per_process_batch(tr["global_batch"], env.world)
     _seed(tr["seed"] + env.rank)
-    if cfg["model"]["name"] in ZERO_SHOT:
-        raise UserError(f"model.name={cfg['model']['name']} learns from image-caption pairs, not from masks: evaluate "
-                        "it zero-shot (semiseg eval / infer --checkpoint of a `convert-weights simseg` file); its "
-                        "text-supervised training is not in this version yet")
     model = init_model(cfg).to(env.device)  # before the datasets: a wrong weights file fails fast
     if not any(p.requires_grad for p in model.parameters()):
         raise UserError(f"model.name={cfg['model']['name']} has no trainable parameters (a training-free model); "
@@ -467,12 +477,13 @@ def _setup(cfg: dict, out: Path, resume: bool, env: DistEnv) -> Run | None:
         _set_rng_state(ckpt["rng"][env.rank] if env.rank < len(ckpt["rng"]) else ckpt["rng"][0])
     net = model
     if env.world > 1:
+        if hasattr(method, "DDP_IGNORE"):  # parameters the method's own loss uses outside the forward (SimSeg's tau)
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(method.DDP_IGNORE))
         net = nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if cuda else None,
                                                   broadcast_buffers=False)
     loaders = [torch.utils.data.DataLoader(
         ds, batch_size=per_gpu, num_workers=tr["workers"], pin_memory=cuda, generator=torch.Generator(),
-        sampler=RunSampler(epoch_len, tr["seed"], env, per_gpu, iters_per_epoch, start, total, items=len(ds),
-                           stream_seed=ds.seed, own_order=independent_order(cfg, name)))
+        sampler=stream_sampler(ds, name, cfg, env, per_gpu, iters_per_epoch, start, total, epoch_len))
         for name, ds in streams.items()]
 
     if env.is_main:
@@ -622,10 +633,12 @@ def _step(run: Run, log: RunLog, amp, kinds: dict, channels_last: bool, nonfinit
     batch = _to_device(parts, run.method.LOADERS, kinds, env.device, channels_last)
     lr = lr_at(cfg, it, run.total, run.iters_per_epoch)
     set_lr(run.optimizer, lr)
-    with amp:
-        loss, logs = run.method.train_step(run.net, batch, StepContext(cfg, it, run.total, env, run.state, epoch))
     run.optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
+    with amp:
+        loss, logs = run.method.train_step(run.net, batch, StepContext(cfg, it, run.total, env, run.state, epoch,
+                                                                       run.scaler.scale))
+    if not getattr(run.method, "OWN_BACKWARD", False):
+        run.scaler.scale(loss).backward()
     run.scaler.step(run.optimizer)
     run.scaler.update()
     nonfinite.logical_or_(~torch.isfinite(loss.detach()))  # accumulated on the device: no sync per step

@@ -12,6 +12,10 @@ The method contract: a module `methods/<name>.py` with
   (PrevMatch's pool, S4MC's E_c, SemiVL's guidance encoder). It may define `state_dict()` /
   `load_state_dict(state)` (saved in and restored from the checkpoint: a resumed run continues exactly)
   and `after_eval(model, improved, iteration)` (called after each evaluation, before the checkpoint).
+- optionally `OWN_BACKWARD = True`: train_step backpropagates itself (SimSeg's gradient cache), through
+  `ctx.scale` (the GradScaler's scale) and the wrapper's `no_sync`, and returns its loss detached; the trainer
+  then only steps the optimizer. `DDP_IGNORE`: parameter names the DDP wrapper leaves out (used outside its
+  forward; the method all-reduces their gradients).
 A method that extends another calls its pieces (UniMatch's `streams`, FixMatch's `cutmix`); it does not
 copy them. The module docstring cites the paper and the equations it implements.
 """
@@ -25,4 +29,5 @@ METHODS: dict[str, str] = {
     "semivl": "semiseg_cli.methods.semivl",
     "semiovs": "semiseg_cli.methods.semiovs",
     "slrnet": "semiseg_cli.methods.slrnet",
+    "simseg": "semiseg_cli.methods.simseg",
 }

@@ -95,13 +95,10 @@ MODELS = {
 }
 # models with no trainable parameter: `eval --recipe` evaluates them from their weights, `train` refuses them
 TRAINING_FREE = {"maskclip"}
-# models whose training is not segmentation (SimSeg learns from image-caption pairs): evaluated zero-shot from a
-# checkpoint (`convert-weights simseg`); `train` with a segmentation method refuses them
-ZERO_SHOT = {"simseg"}
 from semiseg_cli.config import OWN_METHOD  # noqa: E402  models trained by one method only (no `need_fp` stream)
 # config keys of weight (and vocabulary) files a builder reads, cleared by build_model(load_weights=False): a
 # checkpoint's state brings them
-WEIGHT_KEYS = ("model.weights", "model.conv_encoder_weights", "simseg.vocab")
+WEIGHT_KEYS = ("model.weights", "model.conv_encoder_weights", "simseg.vocab", "simseg.text_weights")
 
 # backbone -> the convert-weights command that makes its weights file (DST is filled in)
 CONVERT_HINT = {

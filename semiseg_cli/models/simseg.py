@@ -24,12 +24,12 @@ bytes of vocab.txt), so converted files and trained checkpoints tokenise without
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from semiseg_cli.data.text import Tokenizer, read_vocab, token_count
 from semiseg_cli.errors import UserError
 from semiseg_cli.models.clip_vit import resize_pos_embed  # SimSeg's interpolate_pos_embed: bicubic, CLS kept
 
@@ -70,54 +70,14 @@ def transformers_module():
     return transformers
 
 
-def read_vocab(path: str | Path) -> bytes:
-    """The bytes of a BERT vocab.txt (`path` is the file or a tokenizer folder holding it)."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "vocab.txt"
-    if not p.is_file():
-        raise UserError(f"{path}: no BERT vocabulary (a vocab.txt file, or the bert-base-uncased tokenizer folder "
-                        "holding one)")
-    data = p.read_bytes()
-    lines = data.decode("utf-8", errors="replace").splitlines()
-    missing = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t not in lines]
-    if missing:
-        raise UserError(f"{p}: not a BERT vocabulary (no {', '.join(missing)} token)")
-    return data
-
-
-def token_count(vocab: bytes) -> int:
-    """The number of tokens (lines) of a vocab.txt's bytes."""
-    return len(vocab.decode("utf-8").splitlines())
-
-
-class Tokenizer:
-    """BERT WordPiece tokenisation (lower-cased, bert-base-uncased's) padded and truncated to `max_length`,
-    through the `tokenizers` library (what transformers' fast BertTokenizer runs)."""
-
-    def __init__(self, vocab: bytes, max_length: int = 25):
-        from tokenizers import BertWordPieceTokenizer
-
-        words = vocab.decode("utf-8").splitlines()
-        self.vocab = {w: i for i, w in enumerate(words)}
-        self.tok = BertWordPieceTokenizer(self.vocab, lowercase=True)
-        self.tok.enable_truncation(max_length)
-        self.tok.enable_padding(length=max_length, pad_id=self.vocab["[PAD]"], pad_token="[PAD]")
-
-    def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input_ids, attention_mask), each [N, max_length] long."""
-        enc = self.tok.encode_batch(list(texts))
-        return torch.tensor([e.ids for e in enc]), torch.tensor([e.attention_mask for e in enc])
-
-
 class SimSeg(nn.Module):
     """Image and text towers with token projections and a learnable temperature.
 
     Args:
-        backbone: a timm ViT name (its depth / width / heads overridable by `vit`); built at `image_size`'s
-            patch grid, other input sizes use the position table resized on the fly (`resize_pos_embed`).
+        backbone: a timm ViT name (its depth / width / heads / patch overridable by `vit`); its position table
+            on `table_size`'s patch grid (default image_size's), resized on the fly for other inputs (`resize_pos_embed`).
         vit: timm overrides {depth, embed_dim, num_heads} (None values: the named model's).
-        text: BERT sizes {layers, width, heads, mlp}; vocab: the vocab.txt bytes (b"": none yet, a checkpoint's
+        text: BERT sizes {layers, width, heads, mlp} and dropout; vocab: the vocab.txt bytes (b"": none yet, a checkpoint's
             comes with its weights); vocab_size: BERT's token table (30522).
         embed_dim: the projection width (512); pool: loda | avg | cls; image_k, text_k: LoDA's k;
         temperature: initial tau (used as clamp(tau, 1e-3, 0.5)); max_length: text tokens (25).
@@ -127,7 +87,7 @@ class SimSeg(nn.Module):
 
     def __init__(self, backbone: str, vit: dict, text: dict, vocab: bytes, vocab_size: int, image_size: int = 288,
                  embed_dim: int = 512, pool: str = "loda", image_k: int = 5, text_k: int = 1,
-                 temperature: float = 0.02, max_length: int = 25):
+                 temperature: float = 0.02, max_length: int = 25, table_size: int | None = None):
         super().__init__()
         import timm
 
@@ -135,14 +95,15 @@ class SimSeg(nn.Module):
 
         tf = transformers_module()
         with timm_name_errors(backbone):
-            self.image_encoder = timm.create_model(backbone, pretrained=False, num_classes=0, img_size=image_size,
+            self.image_encoder = timm.create_model(backbone, pretrained=False, num_classes=0, img_size=table_size or image_size,
                                                    dynamic_img_size=True, **{k: v for k, v in vit.items() if v})
         if not hasattr(self.image_encoder, "pos_embed") or not hasattr(self.image_encoder, "cls_token"):
             raise UserError(f"model.backbone {backbone!r}: SimSeg needs a timm ViT with a CLS token and a position "
                             "table (e.g. vit_small_patch16_224, vit_base_patch16_224)")
         bert = tf.BertConfig(vocab_size=vocab_size, hidden_size=text["width"], num_hidden_layers=text["layers"],
                              num_attention_heads=text["heads"], intermediate_size=text["mlp"],
-                             max_position_embeddings=BERT_MAX_POSITIONS)
+                             max_position_embeddings=BERT_MAX_POSITIONS,
+                             hidden_dropout_prob=text.get("dropout", 0.1), attention_probs_dropout_prob=text.get("dropout", 0.1))
         self.text_encoder = tf.BertModel(bert, add_pooling_layer=False)
         self.image_projection = nn.Linear(self.image_encoder.embed_dim, embed_dim, bias=False)
         self.text_projection = nn.Linear(text["width"], embed_dim, bias=False)
@@ -236,7 +197,7 @@ class SimSeg(nn.Module):
         (SimSeg's VanillaTopKPooling) and over the valid ones in eval mode."""
         if text is not None:
             return self.image_embedding(x)[0], self.text_embedding(*text, masked=not self.training)
-        if need_fp:  # `train` refuses the model (models.ZERO_SHOT): no segmentation method reaches this
+        if need_fp:  # trained by method simseg only (config OWN_METHOD): no segmentation method reaches this
             raise UserError("model.name=simseg has no feature-perturbation stream")
         return self.aggregate(x, {}, None)
 
@@ -310,26 +271,56 @@ def build_simseg(cfg: dict) -> SimSeg:
     from semiseg_cli.models.semivl import load_class_text
 
     m, s = cfg["model"], cfg["simseg"]
-    if m["weights"]:
-        raise UserError("model.weights does not apply to model.name=simseg: convert the released file into a "
-                        "checkpoint (`semiseg convert-weights simseg SRC DST --tokenizer DIR`) and pass --checkpoint DST")
     vocab = b""
+    if s["vocab_size"] is None and not s["vocab"]:
+        raise UserError("simseg.vocab_size=null takes the size from simseg.vocab: set simseg.vocab (a vocab.txt)")
     if s["vocab"]:
         vocab = read_vocab(s["vocab"])
         n = token_count(vocab)
-        if n != s["vocab_size"]:
+        if s["vocab_size"] is None:
+            s = {**s, "vocab_size": n}
+        elif n != s["vocab_size"]:
             raise UserError(f"{s['vocab']}: {n} tokens, but simseg.vocab_size is {s['vocab_size']}; "
                             f"pass --set simseg.vocab_size={n}")
     model = SimSeg(m["backbone"], vit_overrides(s), text_sizes(s), vocab, s["vocab_size"], s["image_size"],
-                   s["embed_dim"], s["pool"], s["image_k"], s["text_k"], s["temperature"], s["max_length"])
+                   s["embed_dim"], s["pool"], s["image_k"], s["text_k"], s["temperature"], s["max_length"],
+                   s["table_size"])
+    if m["weights"]:
+        load_tower(model.image_encoder, m["weights"], "model.weights",
+                   f"semiseg convert-weights timm-vit vit_in21k.safetensors {m['weights']}")
+    if s["text_weights"]:
+        load_tower(model.text_encoder, s["text_weights"], "simseg.text_weights",
+                   f"semiseg convert-weights bert pytorch_model.bin {s['text_weights']}")
     model.zero_shot = dict(top_m=s["top_m"], walk=s["walk"], sigma=s["sigma"], crf=s["crf"])
     model.class_names = [n if isinstance(n, str) else n[0] for n in load_class_text(m["class_text"], cfg)]
     return model
 
 
+def load_tower(tower: nn.Module, path: str, key: str, hint: str) -> None:
+    """A tower's initial weights (a `convert-weights timm-vit` / `bert` file, config key `key`): every key of the
+    tower with its shape (BERT's constant position_ids aside); a ViT's position table resized to the tower's grid
+    first (bicubic, CLS kept, as SimSeg's interpolate_pos_embed)."""
+    from semiseg_cli.io import key_mismatches
+    from semiseg_cli.models import read_weights_file
+
+    state = {k: v for k, v in read_weights_file(path, hint, key).items() if not k.endswith("position_ids")}
+    own = {k: v for k, v in tower.state_dict().items() if not k.endswith("position_ids")}
+    pos, want = state.get("pos_embed"), own.get("pos_embed")
+    if pos is not None and want is not None and pos.shape[1] != want.shape[1]:
+        side = lambda n: int(round((n - 1) ** 0.5))  # noqa: E731  the grid of CLS + a square table
+        state["pos_embed"] = resize_pos_embed(pos, (side(pos.shape[1]),) * 2, (side(want.shape[1]),) * 2)
+    problems = key_mismatches(own, state)
+    if problems:
+        tower_name = "image" if key == "model.weights" else "text"
+        raise UserError(f"{path}: does not fit this config's {tower_name} tower ({', '.join(problems)}); make it with "
+                        f"`{hint}` and set the simseg sizes to the file's")
+    tower.load_state_dict(state, strict=False)
+
+
 def vit_overrides(s: dict) -> dict:
-    return {"depth": s["vit_depth"], "embed_dim": s["vit_width"], "num_heads": s["vit_heads"]}
+    return {"depth": s["vit_depth"], "embed_dim": s["vit_width"], "num_heads": s["vit_heads"], "patch_size": s["vit_patch"]}
 
 
 def text_sizes(s: dict) -> dict:
-    return {"layers": s["text_layers"], "width": s["text_width"], "heads": s["text_heads"], "mlp": s["text_mlp"]}
+    return {"layers": s["text_layers"], "width": s["text_width"], "heads": s["text_heads"], "mlp": s["text_mlp"],
+            "dropout": s["text_dropout"]}
