@@ -426,6 +426,9 @@ def gen_pseudo_cmd(model: str = typer.Option(..., "--model", "-m", callback=_one
     "weights/sed_l.text.pt: then gen-pseudo --model sed)\n\n"
     "  semiseg convert-weights simseg ckpts/simseg.vit-s.pth runs/simseg-vit-s/zero-shot.pt --tokenizer bert-base-uncased/"
     "   (a SimSeg checkpoint with its vocabulary: then eval / infer --checkpoint, zero-shot)\n\n"
+    "  semiseg convert-weights timm-vit vit_small_patch16_224.augreg_in21k.safetensors weights/vit-s-in21k.pt   and\n\n"
+    "  semiseg convert-weights bert bert-base-uncased/pytorch_model.bin weights/bert-base.pt   (SimSeg's initial towers: "
+    "--set model.weights=... --set simseg.text_weights=...)\n\n"
     "Then train with --set model.weights=weights/....pt\n\n"
     "Prints a summary line on stderr; -v adds every source key -> target key, -q prints nothing."))
 def convert_weights(fmt: str = typer.Argument(..., metavar="FORMAT", help=", ".join(FORMATS) + "."),

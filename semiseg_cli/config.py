@@ -136,6 +136,7 @@ RANGES: dict[str, tuple] = {
     "simseg.vit_width": (1, INF, "[)"),
     "simseg.vit_heads": (1, INF, "[)"),
     "simseg.vit_patch": (1, INF, "[)"),
+    "simseg.cnn_stage": (-1, INF, "[)"),
     "simseg.vocab_size": (5, INF, "[)"),        # BERT's five special tokens at least
     "simseg.text_layers": (1, INF, "[)"),
     "simseg.text_width": (1, INF, "[)"),

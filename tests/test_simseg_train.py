@@ -245,3 +245,24 @@ def test_init_converters_give_the_towers_of_the_original_files(tmp_path):
     bad = run_cli("train", *simseg_args(tmp_path, f"model.weights={tmp_path / 'vit.pt'}"), "--out", tmp_path / "r",
                   check=2)
     assert "does not fit this config's image tower" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_a_cnn_tower_gives_one_token_per_stage_position(tmp_path):
+    from semiseg_cli.config import load_config
+    from semiseg_cli.errors import UserError
+    from semiseg_cli.models import build_model
+
+    (tmp_path / "vocab.txt").write_text("\n".join(WORDS) + "\n")
+    sets = ["method=simseg", "model.name=simseg", "model.backbone=resnet18", "simseg.cnn_stage=3", "simseg.text_layers=1",
+            "simseg.text_width=32", "simseg.text_heads=1", "simseg.text_mlp=64", f"simseg.vocab={tmp_path / 'vocab.txt'}",
+            "simseg.vocab_size=null", "simseg.image_size=64", "simseg.crf=false"]
+    model = build_model(load_config(None, sets))
+    assert model.cnn and model.patch == 16
+    tokens, grid = model.image_tokens(torch.randn(2, 3, 64, 96))
+    assert grid == (4, 6) and tokens.shape == (2, 1 + 24, 256)
+    ids = torch.tensor([[2, 5, 6, 3, 0]] * 2)
+    f, g = model.train()(torch.randn(2, 3, 64, 64), text=(ids, (ids > 0).long()))
+    assert f.shape == g.shape == (2, 512) and torch.allclose(f.norm(dim=1), torch.ones(2), atol=1e-4)
+    assert model.eval()(torch.randn(1, 3, 40, 56)).shape == (1, 6, 40, 56)
+    with pytest.raises(UserError, match="pool=cls takes a ViT's CLS token"):
+        build_model(load_config(None, [*sets, "simseg.pool=cls"]))

@@ -37,6 +37,7 @@ EPS = 1e-8  # SimSeg's L2norm: x / (|x| + 1e-8)
 BERT_MAX_POSITIONS = 512  # bert-base-uncased's position table
 CRF = dict(iters=3, gauss_sxy=3, gauss_compat=3, bilateral_sxy=40, bilateral_srgb=13, bilateral_compat=10, unary_eps=1e-8)
 POOLS = ("loda", "avg", "cls")  # = config CHOICES["simseg.pool"]
+VIT_MODULES = ("vision_transformer", "deit")  # timm modules of the ViTs the image tower takes; other names: a CNN
 
 
 def l2norm(x: torch.Tensor) -> torch.Tensor:
@@ -76,6 +77,7 @@ class SimSeg(nn.Module):
     Args:
         backbone: a timm ViT name (its depth / width / heads / patch overridable by `vit`); its position table
             on `table_size`'s patch grid (default image_size's), resized on the fly for other inputs (`resize_pos_embed`).
+            Or a timm CNN (CPU recipes): the tokens are the positions of its stage `cnn_stage`'s feature map.
         vit: timm overrides {depth, embed_dim, num_heads} (None values: the named model's).
         text: BERT sizes {layers, width, heads, mlp} and dropout; vocab: the vocab.txt bytes (b"": none yet, a checkpoint's
             comes with its weights); vocab_size: BERT's token table (30522).
@@ -87,7 +89,7 @@ class SimSeg(nn.Module):
 
     def __init__(self, backbone: str, vit: dict, text: dict, vocab: bytes, vocab_size: int, image_size: int = 288,
                  embed_dim: int = 512, pool: str = "loda", image_k: int = 5, text_k: int = 1,
-                 temperature: float = 0.02, max_length: int = 25, table_size: int | None = None):
+                 temperature: float = 0.02, max_length: int = 25, table_size: int | None = None, cnn_stage: int = -1):
         super().__init__()
         import timm
 
@@ -95,24 +97,37 @@ class SimSeg(nn.Module):
 
         tf = transformers_module()
         with timm_name_errors(backbone):
-            self.image_encoder = timm.create_model(backbone, pretrained=False, num_classes=0, img_size=table_size or image_size,
-                                                   dynamic_img_size=True, **{k: v for k, v in vit.items() if v})
-        if not hasattr(self.image_encoder, "pos_embed") or not hasattr(self.image_encoder, "cls_token"):
+            vit_entry = timm.models.is_model_in_modules(backbone, VIT_MODULES)
+            if vit_entry:
+                self.image_encoder = timm.create_model(backbone, pretrained=False, num_classes=0,
+                                                       img_size=table_size or image_size, dynamic_img_size=True,
+                                                       **{k: v for k, v in vit.items() if v})
+            else:  # a CNN tower (CPU recipes): the tokens are one stage's feature-map positions
+                self.image_encoder = timm.create_model(backbone, pretrained=False, features_only=True,
+                                                       out_indices=(cnn_stage,))
+        self.cnn = not vit_entry
+        if self.cnn:
+            width, self.patch = self.image_encoder.feature_info.channels()[-1], self.image_encoder.feature_info.reduction()[-1]
+            if pool == "cls":
+                raise UserError(f"simseg.pool=cls takes a ViT's CLS token; model.backbone {backbone!r} is a CNN "
+                                "(use loda or avg)")
+        elif not hasattr(self.image_encoder, "pos_embed") or not hasattr(self.image_encoder, "cls_token"):
             raise UserError(f"model.backbone {backbone!r}: SimSeg needs a timm ViT with a CLS token and a position "
-                            "table (e.g. vit_small_patch16_224, vit_base_patch16_224)")
+                            "table (e.g. vit_small_patch16_224, vit_base_patch16_224) or a timm CNN")
+        else:
+            width, self.patch = self.image_encoder.embed_dim, self.image_encoder.patch_embed.patch_size[0]
         bert = tf.BertConfig(vocab_size=vocab_size, hidden_size=text["width"], num_hidden_layers=text["layers"],
                              num_attention_heads=text["heads"], intermediate_size=text["mlp"],
                              max_position_embeddings=BERT_MAX_POSITIONS,
                              hidden_dropout_prob=text.get("dropout", 0.1), attention_probs_dropout_prob=text.get("dropout", 0.1))
         self.text_encoder = tf.BertModel(bert, add_pooling_layer=False)
-        self.image_projection = nn.Linear(self.image_encoder.embed_dim, embed_dim, bias=False)
+        self.image_projection = nn.Linear(width, embed_dim, bias=False)
         self.text_projection = nn.Linear(text["width"], embed_dim, bias=False)
         self.temperature = nn.Parameter(torch.tensor(float(temperature)))
         self.register_buffer("vocab", torch.frombuffer(bytearray(vocab), dtype=torch.uint8).clone() if vocab
                              else torch.zeros(0, dtype=torch.uint8))
         self.image_size, self.pool, self.image_k, self.text_k = image_size, pool, image_k, text_k
         self.max_length = max_length
-        self.patch = self.image_encoder.patch_embed.patch_size[0]
         self.zero_shot = dict(top_m=10, walk=5, sigma=1.0, crf=True)
         self.class_names: list = []
         self._tokenizer = None
@@ -123,6 +138,11 @@ class SimSeg(nn.Module):
         """The ViT's normed tokens [B, 1 + h*w, D] (CLS first) and the patch grid (h, w): SimSeg's forward
         (patch embedding, CLS, + position table, blocks, final norm; no timm pooling)."""
         v = self.image_encoder
+        if self.cnn:  # the stage's positions as tokens, their mean in the CLS slot (unused: pool cls needs a ViT)
+            f = v(x)[-1]
+            b, d, h, w = f.shape
+            t = f.flatten(2).transpose(1, 2)
+            return torch.cat([t.mean(1, keepdim=True), t], 1), (h, w)
         t = v.patch_embed(x)                                   # [B, h, w, D] (timm dynamic_img_size: NHWC)
         b, h, w, d = t.shape
         g = v.patch_embed.grid_size                            # the stored table's grid (image_size / patch)
@@ -201,6 +221,7 @@ class SimSeg(nn.Module):
             raise UserError("model.name=simseg has no feature-perturbation stream")
         return self.aggregate(x, {}, None)
 
+    @torch.no_grad()
     def aggregate(self, x: torch.Tensor, ev: dict, labels=None) -> torch.Tensor:
         """Zero-shot class maps [B, K, H, W] for ImageNet-normalised images x [B, 3, H, W] (see the module
         docstring); their argmax is SimSeg's label."""
@@ -284,10 +305,14 @@ def build_simseg(cfg: dict) -> SimSeg:
                             f"pass --set simseg.vocab_size={n}")
     model = SimSeg(m["backbone"], vit_overrides(s), text_sizes(s), vocab, s["vocab_size"], s["image_size"],
                    s["embed_dim"], s["pool"], s["image_k"], s["text_k"], s["temperature"], s["max_length"],
-                   s["table_size"])
+                   s["table_size"], s["cnn_stage"])
     if m["weights"]:
-        load_tower(model.image_encoder, m["weights"], "model.weights",
-                   f"semiseg convert-weights timm-vit vit_in21k.safetensors {m['weights']}")
+        from semiseg_cli.models import convert_hint, make_packaged_weights
+
+        make_packaged_weights(m["backbone"], m["weights"])
+        hint = convert_hint(m["backbone"], m["weights"]) if model.cnn else \
+            f"semiseg convert-weights timm-vit vit_in21k.safetensors {m['weights']}"
+        load_tower(model.image_encoder, m["weights"], "model.weights", hint, extra_allowed=model.cnn)
     if s["text_weights"]:
         load_tower(model.text_encoder, s["text_weights"], "simseg.text_weights",
                    f"semiseg convert-weights bert pytorch_model.bin {s['text_weights']}")
@@ -296,10 +321,11 @@ def build_simseg(cfg: dict) -> SimSeg:
     return model
 
 
-def load_tower(tower: nn.Module, path: str, key: str, hint: str) -> None:
+def load_tower(tower: nn.Module, path: str, key: str, hint: str, extra_allowed: bool = False) -> None:
     """A tower's initial weights (a `convert-weights timm-vit` / `bert` file, config key `key`): every key of the
     tower with its shape (BERT's constant position_ids aside); a ViT's position table resized to the tower's grid
-    first (bicubic, CLS kept, as SimSeg's interpolate_pos_embed)."""
+    first (bicubic, CLS kept, as SimSeg's interpolate_pos_embed). `extra_allowed`: keys the tower lacks are
+    ignored (a CNN tower's stages after its token stage, its classifier)."""
     from semiseg_cli.io import key_mismatches
     from semiseg_cli.models import read_weights_file
 
@@ -309,12 +335,12 @@ def load_tower(tower: nn.Module, path: str, key: str, hint: str) -> None:
     if pos is not None and want is not None and pos.shape[1] != want.shape[1]:
         side = lambda n: int(round((n - 1) ** 0.5))  # noqa: E731  the grid of CLS + a square table
         state["pos_embed"] = resize_pos_embed(pos, (side(pos.shape[1]),) * 2, (side(want.shape[1]),) * 2)
-    problems = key_mismatches(own, state)
+    problems = key_mismatches(own, state, extra_allowed=extra_allowed)
     if problems:
         tower_name = "image" if key == "model.weights" else "text"
         raise UserError(f"{path}: does not fit this config's {tower_name} tower ({', '.join(problems)}); make it with "
                         f"`{hint}` and set the simseg sizes to the file's")
-    tower.load_state_dict(state, strict=False)
+    tower.load_state_dict({k: state[k] for k in own}, strict=False)
 
 
 def vit_overrides(s: dict) -> dict:
