@@ -96,7 +96,7 @@ def caption_root(synthetic_root, tmp_path, n: int = 16, val: int = 4):
     return root, rows
 
 
-TINY_SIMSEG = ["model.backbone=vit_small_patch8_224", "simseg.vit_depth=1", "simseg.vit_width=32", "simseg.vit_heads=2",
+TINY_SIMSEG = ["model.backbone=vit_small_patch8_224", "model.weights=null", "simseg.vit_depth=1", "simseg.vit_width=32", "simseg.vit_heads=2",
                "simseg.vit_patch=8", "simseg.text_layers=1", "simseg.text_width=32", "simseg.text_heads=2",
                "simseg.text_mlp=64", "simseg.image_size=32", "simseg.crf=false", "train.crop_size=32",
                "train.workers=0", "train.log_every=1", "train.global_batch=8", "captions.image_column=file", "captions.caption_column=text"]
